@@ -1,0 +1,117 @@
+"""The `koala` command: one subcommand per stage, each a thin call into koala_lib.
+
+    koala config show --profile demo --set data.mixture=koala_distill
+    koala curate --profile smoke --sources sharegpt,hh
+    koala pipeline --profile demo --stages 01
+    koala weights fetch-default
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from koala_lib.config import ConfigError, load, show
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="demo", help="profile under params/ (default: demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.mixture=koala_distill (repeatable)")
+    parser.add_argument("--runs-dir", default=None, metavar="DIR", help="write under DIR instead of runs/")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *([f"runs_dir={args.runs_dir}"] if args.runs_dir else [])]
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(show(load(args.profile, _overrides(args))), end="")
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from koala_lib.data.curate import curate
+
+    cfg = load(args.profile, _overrides(args))
+    result = curate(cfg, sources=args.sources, progress=not args.quiet)
+    print(result.table().to_string())
+    print(f"report: {result.out_dir / 'report.json'}\nfigure: {result.figure_path}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from koala_lib.pipeline import run_pipeline
+
+    runs = run_pipeline(args.profile, _overrides(args), stages=args.stages, progress=not args.quiet)
+    print(f"pipeline {args.profile!r}: {len(runs)} stage(s) in {sum(r.seconds for r in runs):.1f} s")
+    for run in runs:
+        print(f"  {run.stage}  {run.seconds:7.1f} s  {run.notebook}")
+    return 0
+
+
+def cmd_notebooks_refresh(args: argparse.Namespace) -> int:
+    from koala_lib.nbtools import refresh
+
+    for path in refresh(args.profile, stages=args.stages):
+        print(f"cleaned {path}")
+    return 0
+
+
+def cmd_weights_fetch_default(args: argparse.Namespace) -> int:
+    from koala_lib.model.gguf_default import default_model_dir
+
+    print(default_model_dir())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="koala", description="Reproduce the Koala chatbot, stage by stage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect profiles").add_subparsers(dest="action", required=True)
+    p = config.add_parser("show", help="print the resolved config of a profile, with a comment per key")
+    _common(p)
+    p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("curate", help="stage 1: curate the sources into conversations")
+    _common(p)
+    p.add_argument("--sources", default=None, help="only these sources, comma-separated (e.g. sharegpt,hc3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("pipeline", help="run the stage notebooks with papermill")
+    _common(p)
+    p.add_argument("--stages", default=None, help="only these stages, comma-separated (e.g. 01,02)")
+    p.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    p.set_defaults(func=cmd_pipeline)
+
+    notebooks = sub.add_parser("notebooks", help="maintain the committed notebooks").add_subparsers(dest="action", required=True)
+    p = notebooks.add_parser("refresh", help="re-execute the notebooks (smoke profile) and store them cleaned")
+    p.add_argument("--profile", default="smoke", help="profile whose outputs the committed notebooks carry")
+    p.add_argument("--stages", default=None, help="only these stages, comma-separated")
+    p.set_defaults(func=cmd_notebooks_refresh)
+
+    weights = sub.add_parser("weights", help="base model weights").add_subparsers(dest="action", required=True)
+    p = weights.add_parser("fetch-default", help="convert the embedded SmolLM2-135M GGUF to a HF folder; print its path")
+    _common(p)
+    p.set_defaults(func=cmd_weights_fetch_default)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    from koala_lib.data.readers import SourceFormatError
+    from koala_lib.pipeline import StageFailed
+
+    try:
+        return func(args)
+    except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError) as exc:
+        print(f"koala: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

