@@ -1,0 +1,59 @@
+"""The `koala` command: one-line errors with a non-zero exit, --set / --runs-dir everywhere."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from koala_lib.cli import main
+
+
+def test_config_show_prints_the_resolved_profile(capsys):
+    assert main(["config", "show", "--profile", "koala13b_distill", "--set", "seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3  # the one seed" in out
+    assert "mixture: koala_distill" in out
+
+
+def test_config_error_is_one_line_and_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "koala_lib.cli", "curate", "--profile", "smoke", "--set", "data.sources.hh.pth=x"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "koala: error: unknown key 'data.sources.hh.pth'; did you mean 'path'? "
+        "(allowed: origin, path, hub_id, hub_config, revision, files, split, cap)"
+    ]
+
+
+def test_curate_sources_and_runs_dir(tmp_path, capsys):
+    assert main(["curate", "--profile", "smoke", "--sources", "alpaca,webgpt", "--runs-dir", str(tmp_path), "--quiet",
+                 "--set", f"figures_dir={tmp_path}/fig"]) == 0
+    report = json.loads((tmp_path / "smoke" / "data" / "report.json").read_text())
+    assert list(report["sources"]) == ["alpaca", "webgpt"]
+    assert (tmp_path / "fig" / "data_composition.png").is_file()
+    assert "alpaca" in capsys.readouterr().out
+
+
+def test_sources_outside_the_mixture_are_refused(tmp_path, capsys):
+    code = main(["curate", "--profile", "koala13b_distill", "--sources", "hh", "--runs-dir", str(tmp_path)])
+    assert code == 2
+    assert "'hh' is not in the mixture 'koala_distill'" in capsys.readouterr().err
+
+
+def test_pipeline_unknown_stage(capsys):
+    assert main(["pipeline", "--profile", "smoke", "--stages", "07"]) == 2
+    assert "unknown stage '07'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_weights_fetch_default_prints_a_hf_folder(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("KOALA_CACHE", str(tmp_path))
+    assert main(["weights", "fetch-default"]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    config = json.loads((tmp_path / "smollm2-135m-instruct" / "config.json").read_text())
+    assert path == str(tmp_path / "smollm2-135m-instruct")
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (30, 576, 3)
