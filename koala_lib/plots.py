@@ -23,29 +23,38 @@ def save(fig: Figure, path: str | Path) -> Path:
 
 
 def data_composition(report: dict) -> Figure:
-    """Examples and characters per source, before and after filtering (stage 1 report)."""
+    """Rows and characters per source, before and after filtering (stage 1 report)."""
     sources = list(report["sources"])
     reps = [report["sources"][s] for s in sources]
     fig = Figure(figsize=(11, 0.5 * len(sources) + 1.8))
     ax_n, ax_c = fig.subplots(1, 2, sharey=True)
     y = range(len(sources))
     h = 0.38
-    for ax, before, after, label in (
-        (ax_n, [r["read"] for r in reps], [r["records"] for r in reps], "examples"),
-        (ax_c, [r["chars_before"] / 1e6 for r in reps], [r["chars_after"] / 1e6 for r in reps], "characters (millions)"),
-    ):
-        ax.barh([i - h / 2 for i in y], before, height=h, color=BEFORE, label="before filtering")
-        ax.barh([i + h / 2 for i in y], after, height=h, color=AFTER, label="after filtering")
+    scale, suffix = (1e6, "M") if max(r["chars_before"] for r in reps) >= 1e6 else (1e3, "K")
+    panels = (
+        (ax_n, [r["read"] for r in reps], [r["kept"] for r in reps], "rows", ("rows read", "rows kept")),
+        (ax_c, [r["chars_before"] / scale for r in reps], [r["chars_after"] / scale for r in reps],
+         f"characters ({'millions' if suffix == 'M' else 'thousands'})",
+         ("parsed, before filters", "kept")),
+    )
+    for ax, before, after, unit, (label_before, label_after) in panels:
+        ax.barh([i - h / 2 for i in y], before, height=h, color=BEFORE, label=label_before)
+        ax.barh([i + h / 2 for i in y], after, height=h, color=AFTER, label=label_after)
         for i, (b, a) in enumerate(zip(before, after)):
-            ax.text(a, i + h / 2, f" {a:,.0f}" if label == "examples" else f" {a:.2f}", va="center", fontsize=8)
-        ax.set_xlabel(label)
+            if unit == "rows":
+                note = f" {a:,} kept of {b:,} → {reps[i]['records']:,} records"
+            else:
+                note = f" {a:,.1f}{suffix} of {b:,.1f}{suffix}"
+            ax.text(max(a, b), i + h / 2, note, va="center", fontsize=8)
+        ax.set_xlabel(unit)
+        ax.set_xlim(0, max(before + after + [1e-9]) * 1.45)
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
+        ax.legend(loc="lower right", fontsize=8)
     ax_n.set_yticks(list(y), sources)
     ax_n.invert_yaxis()
-    ax_n.set_title("Examples per source: rows read vs records kept", fontsize=10)
-    ax_c.set_title("Characters per source: parsed vs kept", fontsize=10)
-    ax_n.legend(loc="lower right", fontsize=8)
+    ax_n.set_title("Rows per source (a preference pair gives two records)", fontsize=10)
+    ax_c.set_title("Characters of conversation text per source", fontsize=10)
     total = report["totals"]
     fig.suptitle(
         f"Curated data, profile {report['profile']!r} ({report['mixture']}): "

@@ -117,3 +117,16 @@ def test_source_files_sorted_and_relative(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("")
     assert [rel for _, rel in source_files(tmp_path, ())] == ["a.json", "b.jsonl", "sub/c.jsonl.gz"]
+
+
+def test_a_10_mb_record_is_counted_oversized_not_loaded(tmp_path, make_cfg):
+    path = tmp_path / "all.jsonl"
+    good = {"id": 1, "question": "Why?", "human_answers": ["Because."], "chatgpt_answers": [], "source": "open_qa"}
+    huge = {**good, "id": 2, "human_answers": ["x" * 10_000_000]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(huge) + "\n" + json.dumps({**good, "id": 3}) + "\n")
+    cfg = make_cfg("smoke", "data.mixture=hc3", f"data.sources.hc3.path={path}")
+    result = curate(cfg, progress=False)
+    hc3 = result.report["sources"]["hc3"]
+    assert (hc3["read"], hc3["kept"], hc3["rejected"]) == (3, 2, {"oversized": 1})
+    logged = [json.loads(line) for line in (cfg.run_dir / "data" / "rejections.jsonl").read_text().splitlines()]
+    assert logged == [{"source": "hc3", "reason": "oversized", "location": "all.jsonl:2", "detail": f"{len(json.dumps(huge)):,} bytes"}]

@@ -1,0 +1,32 @@
+"""`koala pipeline` runs the notebooks with papermill; a failing cell stops it with the error and the notebook path."""
+
+import json
+
+import pytest
+
+from koala_lib.pipeline import StageFailed, run_pipeline
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
+    runs = run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], progress=False)
+    assert [r.stage for r in runs] == ["01"]
+    assert runs[0].notebook == tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
+    metrics = json.loads((tmp_path / "smoke" / "data" / "metrics.json").read_text())
+    report = json.loads((tmp_path / "smoke" / "data" / "report.json").read_text())
+    for name, rep in report["sources"].items():
+        assert metrics["sources"][name]["read"] == rep["read"] == rep["kept"] + sum(rep["rejected"].values())
+        assert rep["records"] <= 40  # the smoke cap
+    assert metrics["totals"] == report["totals"]
+    assert (tmp_path / "fig" / "data_composition.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_failing_stage_names_the_cell_error_and_the_executed_notebook(tmp_path):
+    with pytest.raises(StageFailed) as err:
+        run_pipeline("smoke", [f"runs_dir={tmp_path}", f"data.sources.hc3.path={tmp_path}/missing.jsonl"], progress=False)
+    message = str(err.value)
+    assert message.startswith("stage 01 failed in cell")
+    assert "SourceFormatError" in message and "missing.jsonl: no such file or folder" in message
+    executed = tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
+    assert f"executed notebook: {executed}" in message and executed.is_file()
