@@ -1,7 +1,9 @@
 """Notebook hygiene: re-execute the stage notebooks on a profile and store them cleaned, as committed.
 
 Cleaning keeps what a reader needs (sources, outputs, figures) and drops what changes on every run:
-execution counts, papermill's injected-parameters cell and cell metadata, progress bars on stderr.
+papermill's injected-parameters cell and cell metadata, cell ids, progress bars on stderr. Execution counts
+are renumbered 1, 2, 3, ... in cell order, so they never change between runs (nbval needs them on cells
+that carry outputs).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ _KEEP_CELL_META = ("tags",)
 
 
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The notebook as committed: no injected cell, no execution counts, no volatile metadata or stderr."""
+    """The notebook as committed: no injected cell, sequential execution counts, no volatile metadata or stderr."""
     cells = []
+    count = 0
     for cell in nb.cells:
         tags = cell.get("metadata", {}).get("tags", [])
         if "injected-parameters" in tags:
@@ -26,13 +29,14 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         cell.metadata = {k: v for k, v in cell.get("metadata", {}).items() if k in _KEEP_CELL_META}
         cell.pop("id", None)
         if cell.cell_type == "code":
-            cell.execution_count = None
+            count += 1
+            cell.execution_count = count
             outputs = []
             for out in cell.outputs:
                 if out.get("output_type") == "stream" and out.get("name") == "stderr":
                     continue
                 if "execution_count" in out:
-                    out["execution_count"] = None
+                    out["execution_count"] = count
                 out.pop("metadata", None) if out.get("output_type") == "stream" else None
                 outputs.append(out)
             cell.outputs = outputs

@@ -26,16 +26,15 @@ def data_composition(report: dict) -> Figure:
     """Rows and characters per source, before and after filtering (stage 1 report)."""
     sources = list(report["sources"])
     reps = [report["sources"][s] for s in sources]
-    fig = Figure(figsize=(11, 0.5 * len(sources) + 1.8))
+    fig = Figure(figsize=(11, 0.5 * len(sources) + 2.0), layout="constrained")
     ax_n, ax_c = fig.subplots(1, 2, sharey=True)
     y = range(len(sources))
     h = 0.38
     scale, suffix = (1e6, "M") if max(r["chars_before"] for r in reps) >= 1e6 else (1e3, "K")
     panels = (
-        (ax_n, [r["read"] for r in reps], [r["kept"] for r in reps], "rows", ("rows read", "rows kept")),
+        (ax_n, [r["read"] for r in reps], [r["kept"] for r in reps], "rows", ("before filtering", "after filtering")),
         (ax_c, [r["chars_before"] / scale for r in reps], [r["chars_after"] / scale for r in reps],
-         f"characters ({'millions' if suffix == 'M' else 'thousands'})",
-         ("parsed, before filters", "kept")),
+         f"characters ({'millions' if suffix == 'M' else 'thousands'})", ("before filtering", "after filtering")),
     )
     for ax, before, after, unit, (label_before, label_after) in panels:
         ax.barh([i - h / 2 for i in y], before, height=h, color=BEFORE, label=label_before)
@@ -50,7 +49,6 @@ def data_composition(report: dict) -> Figure:
         ax.set_xlim(0, max(before + after + [1e-9]) * 1.45)
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
-        ax.legend(loc="lower right", fontsize=8)
     ax_n.set_yticks(list(y), sources)
     ax_n.invert_yaxis()
     ax_n.set_title("Rows per source (a preference pair gives two records)", fontsize=10)
@@ -61,5 +59,5 @@ def data_composition(report: dict) -> Figure:
         f"{total['records']:,} records from {total['read']:,} rows",
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.legend(*ax_n.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
