@@ -54,7 +54,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_notebooks_refresh(args: argparse.Namespace) -> int:
     from koala_lib.nbtools import refresh
 
-    for path in refresh(args.profile, stages=args.stages):
+    for path in refresh(args.profile, _overrides(args), stages=args.stages):
         print(f"cleaned {path}")
     return 0
 
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     notebooks = sub.add_parser("notebooks", help="maintain the committed notebooks").add_subparsers(dest="action", required=True)
     p = notebooks.add_parser("refresh", help="re-execute the notebooks (smoke profile) and store them cleaned")
-    p.add_argument("--profile", default="smoke", help="profile whose outputs the committed notebooks carry")
+    _common(p)
+    p.set_defaults(profile="smoke")
     p.add_argument("--stages", default=None, help="only these stages, comma-separated")
     p.set_defaults(func=cmd_notebooks_refresh)
 

@@ -9,6 +9,7 @@ that carry outputs).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import nbformat
 
@@ -50,10 +51,10 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
-def refresh(profile: str = "smoke", stages: str | None = None) -> list[Path]:
+def refresh(profile: str = "smoke", overrides: Sequence[str] = (), stages: str | None = None) -> list[Path]:
     """Execute the notebooks on `profile` and write them, cleaned, back to notebooks/."""
     written = []
-    for run in run_pipeline(profile, stages=stages, progress=False):
+    for run in run_pipeline(profile, overrides, stages=stages, progress=False):
         nb = clean(nbformat.read(run.notebook, as_version=4))
         target = project_root() / "notebooks" / run.notebook.name
         nbformat.write(nb, target)
