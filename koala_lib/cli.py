@@ -41,6 +41,20 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_condition(args: argparse.Namespace) -> int:
+    from koala_lib.conditioning.stage import condition
+    from koala_lib.conditioning.template import marked_text
+
+    cfg = load(args.profile, _overrides(args))
+    result = condition(cfg, progress=not args.quiet)
+    for example in result.train[: args.show]:
+        print(f"--- {example.id} [{example.source}, {example.preference}]")
+        print(marked_text(result.tokenizer, example.ids, example.mask))
+    print(result.table().to_string())
+    print(f"stats: {result.out_dir / 'stats.json'}")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from koala_lib.pipeline import run_pipeline
 
@@ -80,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", default=None, help="only these sources, comma-separated (e.g. sharegpt,hc3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("condition", help="stage 2: markers, tokens with loss masks, packed rows")
+    _common(p)
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N training texts, trained spans in ⟦ ⟧")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_condition)
 
     p = sub.add_parser("pipeline", help="run the stage notebooks with papermill")
     _common(p)

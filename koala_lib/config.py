@@ -150,6 +150,34 @@ class DataConfig:
         return mixture_sources(self.mixture)
 
 
+# ----------------------------------------------------------------------------- conditioning
+
+MARKER_STYLES = {
+    # style: (positive marker, negative marker)
+    "released": ("GPT:", "An Unhelpful Answer:"),  # Koala's released preprocessing code
+    "blog": ("A helpful answer:", "An unhelpful answer:"),  # the blog post's wording
+}
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    beginning: str = doc("BEGINNING OF CONVERSATION:", "text that opens every conversation")
+    user_marker: str = doc("USER:", "marker before each user turn")
+    markers: Literal["released", "blog"] = doc("released", "answer markers: released (GPT: / An Unhelpful Answer:) or blog (A helpful answer: / An unhelpful answer:)")
+    positive_marker: str | None = doc(None, "marker before a positive or unlabelled answer; null = the `markers` style's")
+    negative_marker: str | None = doc(None, "marker before a negative (rejected) answer; null = the `markers` style's")
+    seq_len: int = doc(2048, "tokens per packed row; a longer conversation is cut at turn boundaries")
+    eval_fraction: float = doc(0.02, "share of examples held out for eval loss (seeded, after sorting by id)")
+    epochs: int = doc(2, "epochs of packed rows written to disk, each in a new seeded order")
+
+    def marker(self, preference: str) -> str:
+        """The answer marker for a record's preference (`negative` → negative marker, else positive)."""
+        positive, negative = MARKER_STYLES[self.markers]
+        if preference == "negative":
+            return self.negative_marker or negative
+        return self.positive_marker or positive
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -170,6 +198,7 @@ class Config:
     runs_dir: str = doc("runs", "where stages write, relative to the kit root unless absolute; outputs go to <runs_dir>/<profile>/")
     figures_dir: str | None = doc(None, "where figures are saved; null = <runs_dir>/<profile>/figures")
     data: DataConfig = doc(DataConfig, "stage 1: sources, mixture and cleaning")
+    conditioning: ConditioningConfig = doc(ConditioningConfig, "stage 2: chat template, markers, packing")
     model: ModelConfig = doc(ModelConfig, "base model and tokenizer")
 
     @property

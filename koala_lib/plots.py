@@ -61,3 +61,51 @@ def data_composition(report: dict) -> Figure:
     )
     fig.legend(*ax_n.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
+
+
+def token_lengths(lengths_by_source: dict[str, list[int]], seq_len: int) -> Figure:
+    """Tokens per training example, one box per source, with the packing row length marked."""
+    sources = [s for s, v in lengths_by_source.items() if v]
+    fig = Figure(figsize=(9, 0.45 * len(sources) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    data = [lengths_by_source[s] for s in sources]
+    ax.boxplot(data, vert=False, widths=0.6, showfliers=True, flierprops={"markersize": 3, "alpha": 0.5})
+    ax.set_yticks(range(1, len(sources) + 1), [f"{s} (n={len(v):,})" for s, v in zip(sources, data)])
+    ax.invert_yaxis()
+    ax.axvline(seq_len, color="#c0392b", linestyle="--", linewidth=1)
+    ax.text(seq_len, 0.5, f" seq_len {seq_len}", color="#c0392b", fontsize=8, va="top")
+    ax.set_xlabel("tokens per example")
+    ax.set_title("Token lengths per source (after cutting at turn boundaries)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def packing_efficiency(lengths, seq_len: int, seed: int, row_lengths: tuple[int, ...] = (512, 1024, 2048, 4096)) -> Figure:
+    """Share of positions holding real tokens: packed rows vs one padded example per row, for several row lengths."""
+    import numpy as np
+
+    from koala_lib.conditioning.packing import pack_plan, padding_fraction
+
+    lengths = np.asarray(lengths)
+    sizes = sorted({*row_lengths, seq_len})
+    packed, padded = [], []
+    for size in sizes:
+        fitting = lengths[lengths <= size]
+        rows = len(pack_plan(fitting, size, seed, 0))
+        packed.append(100 * (1 - padding_fraction(fitting, rows, size)))
+        padded.append(100 * (1 - padding_fraction(fitting, len(fitting), size)))
+    fig = Figure(figsize=(8, 3.6), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(sizes))
+    ax.bar(x - 0.2, padded, width=0.4, color=BEFORE, label="one example per row, padded")
+    ax.bar(x + 0.2, packed, width=0.4, color=AFTER, label="packed (segment ids)")
+    for i, (a, b) in enumerate(zip(padded, packed)):
+        ax.text(i - 0.2, a + 1, f"{a:.0f}%", ha="center", fontsize=8)
+        ax.text(i + 0.2, b + 1, f"{b:.1f}%", ha="center", fontsize=8)
+    ax.set_xticks(x, [f"{s}{' (profile)' if s == seq_len else ''}" for s in sizes])
+    ax.set_xlabel("row length (tokens)")
+    ax.set_ylabel("real tokens (% of positions)")
+    ax.set_ylim(0, 110)
+    ax.set_title("Packing efficiency: how much of each row is real data", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    return fig
