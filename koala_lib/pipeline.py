@@ -17,6 +17,7 @@ from koala_lib.config import ConfigError, load, project_root
 # (stage id, notebook file); later stages append here.
 STAGES = [
     ("01", "01_data_curation.ipynb"),
+    ("02", "02_marker_conditioning.ipynb"),
 ]
 
 

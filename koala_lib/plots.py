@@ -94,7 +94,7 @@ def packing_efficiency(lengths, seq_len: int, seed: int, row_lengths: tuple[int,
         rows = len(pack_plan(fitting, size, seed, 0))
         packed.append(100 * (1 - padding_fraction(fitting, rows, size)))
         padded.append(100 * (1 - padding_fraction(fitting, len(fitting), size)))
-    fig = Figure(figsize=(8, 3.6), layout="constrained")
+    fig = Figure(figsize=(8, 4.0), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(sizes))
     ax.bar(x - 0.2, padded, width=0.4, color=BEFORE, label="one example per row, padded")
@@ -107,5 +107,5 @@ def packing_efficiency(lengths, seq_len: int, seed: int, row_lengths: tuple[int,
     ax.set_ylabel("real tokens (% of positions)")
     ax.set_ylim(0, 110)
     ax.set_title("Packing efficiency: how much of each row is real data", fontsize=10)
-    ax.legend(loc="lower left", fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig

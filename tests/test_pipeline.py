@@ -10,7 +10,7 @@ from koala_lib.pipeline import StageFailed, run_pipeline
 @pytest.mark.slow
 def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     runs = run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], progress=False)
-    assert [r.stage for r in runs] == ["01"]
+    assert [r.stage for r in runs] == ["01", "02"]
     assert runs[0].notebook == tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
     metrics = json.loads((tmp_path / "smoke" / "data" / "metrics.json").read_text())
     report = json.loads((tmp_path / "smoke" / "data" / "report.json").read_text())
@@ -19,6 +19,10 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
         assert rep["records"] <= 40  # the smoke cap
     assert metrics["totals"] == report["totals"]
     assert (tmp_path / "fig" / "data_composition.png").stat().st_size > 10_000
+    conditioned = json.loads((tmp_path / "smoke" / "conditioned" / "metrics.json").read_text())
+    assert sum(conditioned["examples"].values()) == conditioned["split"]["train"] + conditioned["split"]["eval"]
+    assert conditioned["packed"]["padding_fraction"] < conditioned["padded"]["padding_fraction"]
+    assert (tmp_path / "fig" / "packing_efficiency.png").is_file() and (tmp_path / "fig" / "token_lengths.png").is_file()
 
 
 @pytest.mark.slow

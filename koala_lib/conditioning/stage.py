@@ -32,7 +32,7 @@ from koala_lib.data.schema import Record
 from koala_lib.plots import packing_efficiency, save, token_lengths
 
 from .packing import materialize, pack_plan, padding_fraction
-from .template import Example, cut_to_length, load_tokenizer, template_for, tokenize
+from .template import Example, cut_to_length, highlight_html, load_tokenizer, marked_text, template_for, tokenize
 
 BATCH = 512  # records rendered and tokenized per call
 
@@ -44,6 +44,7 @@ class ConditionResult:
     stats: dict
     out_dir: Path
     tokenizer: object
+    seed: int = 0
 
     def table(self):
         """Examples, tokens and trainable tokens per source (a pandas DataFrame)."""
@@ -54,6 +55,51 @@ class ConditionResult:
         frame.index.name = "source"
         frame.loc["total"] = frame.sum()
         return frame
+
+    def example(self, kind: str) -> Example:
+        """A training example to show: `single_turn`, `multi_turn`, `positive` or `negative`."""
+        tests = {
+            "single_turn": lambda e: e.exchanges == 1 and e.preference == "none",
+            "multi_turn": lambda e: e.exchanges >= 2 and e.preference == "none",
+            "positive": lambda e: e.preference == "positive",
+            "negative": lambda e: e.preference == "negative",
+        }
+        if kind not in tests:
+            raise ValueError(f"kind must be one of {', '.join(tests)}, not {kind!r}")
+        candidates = sorted((e for e in self.train if tests[kind](e)), key=lambda e: (len(e.ids), e.id))
+        if not candidates:
+            raise LookupError(f"no {kind} example in this run")
+        return candidates[len(candidates) // 4]  # a short-ish one, readable on screen
+
+    def show(self, kind: str):
+        """The example with trained tokens highlighted (an IPython HTML object)."""
+        from IPython.display import HTML
+
+        e = self.example(kind)
+        head = f"<b>{kind.replace('_', ' ')}</b> · <code>{e.id}</code> · {len(e.ids)} tokens, {int(e.mask.sum())} trained"
+        return HTML(f"<div style='margin:6px 0'>{head}</div>" + highlight_html(self.tokenizer, e.ids, e.mask))
+
+    def marked(self, kind: str) -> str:
+        """The example as text, trained spans between ⟦ ⟧."""
+        e = self.example(kind)
+        return f"{e.id}\n{marked_text(self.tokenizer, e.ids, e.mask)}"
+
+    def padding_table(self):
+        """Rows and padding: packed vs one example per padded row (a pandas DataFrame)."""
+        import pandas as pd
+
+        s = self.stats
+        layouts = ("packed", "padded")
+        return pd.DataFrame(
+            {"rows": [s[k]["rows"] for k in layouts], "padding %": [round(100 * s[k]["padding_fraction"], 2) for k in layouts]},
+            index=pd.Index(layouts, name="layout"),
+        )
+
+    def figures(self):
+        """(token lengths per source, packing efficiency) figures."""
+        c = self.stats["seq_len"]
+        lengths = {src: [len(e.ids) for e in self.train if e.source == src] for src in self.stats["examples"]}
+        return token_lengths(lengths, c), packing_efficiency([len(e.ids) for e in self.train], c, self.seed)
 
     def metrics(self) -> dict:
         s = self.stats
@@ -151,7 +197,7 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     print(f"conditioned {len(train) + len(evals):,} examples ({total:,} tokens) in {stats['seconds']:.1f} s "
           f"({total / max(stats['seconds'], 1e-9):,.0f} tokens/s); padding {stats['packed']['padding_fraction']:.1%} packed "
           f"vs {stats['padded']['padding_fraction']:.1%} padded -> {final}")
-    return ConditionResult(train, evals, stats, final, tokenizer)
+    return ConditionResult(train, evals, stats, final, tokenizer, cfg.seed)
 
 
 def build_stats(cfg: Config, train: list[Example], evals: list[Example], rejected: Counter, rows: int, records: int, tokenizer) -> dict:
