@@ -69,7 +69,7 @@ def token_lengths(lengths_by_source: dict[str, list[int]], seq_len: int) -> Figu
     fig = Figure(figsize=(9, 0.45 * len(sources) + 1.6), layout="constrained")
     ax = fig.subplots()
     data = [lengths_by_source[s] for s in sources]
-    ax.boxplot(data, vert=False, widths=0.6, showfliers=True, flierprops={"markersize": 3, "alpha": 0.5})
+    ax.boxplot(data, orientation="horizontal", widths=0.6, showfliers=True, flierprops={"markersize": 3, "alpha": 0.5})
     ax.set_yticks(range(1, len(sources) + 1), [f"{s} (n={len(v):,})" for s, v in zip(sources, data)])
     ax.invert_yaxis()
     ax.axvline(seq_len, color="#c0392b", linestyle="--", linewidth=1)

@@ -57,3 +57,17 @@ def test_weights_fetch_default_prints_a_hf_folder(tmp_path, monkeypatch, capsys)
     config = json.loads((tmp_path / "smollm2-135m-instruct" / "config.json").read_text())
     assert path == str(tmp_path / "smollm2-135m-instruct")
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_key_value_heads"]) == (30, 576, 3)
+
+
+@pytest.mark.slow
+def test_condition_show_marks_trained_spans(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    args = ["--profile", "smoke", "--runs-dir", str(tmp_path), "--quiet", "--set", f"figures_dir={tmp_path}/fig"]
+    assert main(["curate", *args]) == 0
+    assert main(["condition", *args, "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n--- ") + out.startswith("--- ") >= 2
+    assert "BEGINNING OF CONVERSATION: USER: " in out and "⟦" in out and "<|im_end|>⟧" in out
+    stats = json.loads((tmp_path / "smoke" / "conditioned" / "stats.json").read_text())
+    assert stats["packed"]["padding_fraction"] < stats["padded"]["padding_fraction"]
+    assert (tmp_path / "smoke" / "conditioned" / "train" / "epoch_0" / "segment_ids.npy").is_file()
