@@ -37,7 +37,7 @@ def main() -> None:
         records = curate(cfg, progress=False).records
     tokenizer = load_tokenizer(cfg)
     template = template_for(cfg, tokenizer)
-    per_copy = sum(len(ids) for ids, _ in tokenize(tokenizer, [template.render(r) for r in records]))
+    per_copy = sum(len(ids) for ids, _, _ in tokenize(tokenizer, [template.render(r) for r in records]))
     copies = -(-args.min_tokens // per_copy)
     corpus = records * copies
     print(f"{len(records)} demo records ({per_copy:,} tokens) replicated x{copies} = {len(corpus):,} records")
@@ -45,8 +45,8 @@ def main() -> None:
     t = time.perf_counter()
     out = []
     for start in range(0, len(corpus), 512):
-        for ids, mask in tokenize(tokenizer, [template.render(r) for r in corpus[start : start + 512]]):
-            ids, mask, kept = cut_to_length(ids, mask, tokenizer.eos_token_id, 2048)
+        for ids, mask, ends in tokenize(tokenizer, [template.render(r) for r in corpus[start : start + 512]]):
+            ids, mask, kept = cut_to_length(ids, mask, ends, 2048)
             if kept:
                 out.append((ids, mask))
     lengths = np.array([len(ids) for ids, _ in out])

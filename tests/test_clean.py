@@ -64,3 +64,10 @@ def test_split_long_drops_an_oversized_exchange_visibly_or_rejects():
     with pytest.raises(Reject) as err:
         split_long(rec([("q", "a" * 200)]), 50)
     assert err.value.reason == "too_long"
+
+
+def test_dedup_rejects_a_repeated_row_with_the_same_id():
+    dedup = Deduplicator("first_user")
+    dedup(rec([("What is Python?", "a")], "same"))
+    with pytest.raises(Reject):
+        dedup(rec([("What is Python?", "a")], "same"))

@@ -58,7 +58,7 @@ def test_three_turn_sharegpt_conversation_has_eos_between_turns():
     assert r.text == (
         "BEGINNING OF CONVERSATION: USER: Hi GPT: Hello!</s>USER: 2+2? GPT: 4.</s>USER: Thanks GPT: You're welcome.</s>"
     )
-    assert [r.text[a:b] for a, b in r.trained] == ["Hello!</s>", "4.</s>", "You're welcome.</s>"]
+    assert [r.text[a:b] for a, b in r.trained] == [" Hello!</s>", " 4.</s>", " You're welcome.</s>"]
 
 
 def test_an_empty_answer_still_trains_the_eos():
@@ -85,13 +85,13 @@ def test_decode_gives_the_rendered_text_back(tokenizer):
     t = template_for(CFG, tokenizer)
     rec = Record("u", "sharegpt", dialogue([("Ünïcode 🐨 and  spaces\n\tcode:", "```python\nprint('hi')\n```"), ("更多", "好的。")]))
     r = t.render(rec)
-    ((ids, _),) = tokenize(tokenizer, [r])
+    ((ids, _, _),) = tokenize(tokenizer, [r])
     assert tokenizer.decode(ids) == r.text
 
 
 def trained_chars(tokenizer, r):
     enc = tokenizer(r.text, return_offsets_mapping=True)
-    ((ids, mask),) = tokenize(tokenizer, [r])
+    ((ids, mask, _),) = tokenize(tokenizer, [r])
     covered = np.zeros(len(r.text), dtype=bool)
     for (a, b), m in zip(enc["offset_mapping"], mask):
         if m:
@@ -107,9 +107,7 @@ def check_mask(tokenizer, template, records):
         for a, b in r.trained:
             answer[a:b] = True
         assert covered[answer].all(), rec.id  # every answer character is trained
-        outside = covered & ~answer
-        # the only trained character outside an answer is the space that joins marker and answer
-        assert all(r.text[i] == " " and answer[i + 1] for i in np.flatnonzero(outside)), rec.id
+        assert not (covered & ~answer).any(), rec.id  # no opening, user or marker character is trained
 
 
 def test_mask_covers_answers_exactly_on_demo_data(tokenizer, tmp_path):
@@ -132,7 +130,7 @@ def test_changing_masked_text_leaves_the_trained_targets_unchanged(tokenizer):
     t = template_for(CFG, tokenizer)
     a = Record("a", "sharegpt", dialogue([("Tell me a fact.", "Koalas sleep a lot."), ("Another?", "They eat eucalyptus.")]))
     b = Record("b", "sharegpt", dialogue([("Say something completely different please!", "Koalas sleep a lot."), ("More, more?", "They eat eucalyptus.")]))
-    (ia, ma), (ib, mb) = tokenize(tokenizer, [t.render(a), t.render(b)])
+    (ia, ma, _), (ib, mb, _) = tokenize(tokenizer, [t.render(a), t.render(b)])
     assert ia[ma == 1].tolist() == ib[mb == 1].tolist()
     assert ia[ma == 0].tolist() != ib[mb == 0].tolist()
 
@@ -140,17 +138,57 @@ def test_changing_masked_text_leaves_the_trained_targets_unchanged(tokenizer):
 def test_cut_at_turn_boundaries(tokenizer):
     t = template_for(CFG, tokenizer)
     rec = Record("c", "sharegpt", dialogue([("q1", "a " * 50), ("q2", "b " * 50), ("q3", "c " * 50)]))
-    ((ids, mask),) = tokenize(tokenizer, [t.render(rec)])
+    ((ids, mask, ends),) = tokenize(tokenizer, [t.render(rec)])
     eos = tokenizer.eos_token_id
-    cut_ids, cut_mask, kept = cut_to_length(ids, mask, eos, len(ids) - 5)
+    assert [ids[e - 1] for e in ends] == [eos, eos, eos] and ends[-1] == len(ids)
+    cut_ids, cut_mask, kept = cut_to_length(ids, mask, ends, len(ids) - 5)
     assert kept == 2 and cut_ids[-1] == eos and len(cut_ids) < len(ids) - 5
     two = Record("c", "sharegpt", rec.turns[:4])
     assert tokenizer.decode(cut_ids) == t.render(two).text  # whole exchanges, nothing of the third
-    assert cut_to_length(ids, mask, eos, 10)[2] == 0
-    assert cut_to_length(ids, mask, eos, len(ids))[2] == 3
+    assert cut_to_length(ids, mask, ends, 10)[2] == 0
+    assert cut_to_length(ids, mask, ends, len(ids))[2] == 3
 
 
 def test_marked_text_shows_the_trained_span(tokenizer):
     t = template_for(CFG, tokenizer)
-    ((ids, mask),) = tokenize(tokenizer, [t.render(Record("m", "hh", dialogue([("Hi", "Hello there")]), "negative"))])
+    ((ids, mask, _),) = tokenize(tokenizer, [t.render(Record("m", "hh", dialogue([("Hi", "Hello there")]), "negative"))])
     assert marked_text(tokenizer, ids, mask) == "BEGINNING OF CONVERSATION: USER: Hi An Unhelpful Answer:⟦ Hello there<|im_end|>⟧"
+
+
+def test_special_token_text_inside_a_turn_stays_text(tokenizer):
+    t = template_for(CFG, tokenizer)
+    rec = Record("x", "sharegpt", dialogue([("Type <|im_start|>assistant please", "Type <|im_end|> to stop, then more text.")]))
+    r = t.render(rec)
+    ((ids, mask, ends),) = tokenize(tokenizer, [r])
+    assert ids.tolist().count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") not in ids.tolist()
+    assert list(ends) == [len(ids)]
+    assert tokenizer.decode(ids).replace("\u2060", "") == r.text.replace("\u2060", "")
+
+
+def test_a_space_token_before_a_digit_is_trained(tokenizer):
+    t = template_for(CFG, tokenizer)
+    ((ids, mask, _),) = tokenize(tokenizer, [t.render(Record("d", "alpaca", dialogue([("Count", "1, 2, 3")])))])
+    assert marked_text(tokenizer, ids, mask) == "BEGINNING OF CONVERSATION: USER: Count GPT:⟦ 1, 2, 3<|im_end|>⟧"
+
+
+def test_cut_without_an_eos_token_uses_exchange_ends(tokenizer):
+    t = literal_template()  # EOS written as the text "</s>", as for a tokenizer without one
+    rec = Record("n", "sharegpt", dialogue([("q1", "a1"), ("q2", "a2"), ("q3", "a3")]))
+    r = t.render(rec)
+    ((ids, mask, ends),) = tokenize(tokenizer, [r])
+    assert len(ends) == 3 and ends[-1] == len(ids)
+    cut_ids, _, kept = cut_to_length(ids, mask, ends, int(ends[1]) + 1)
+    assert kept == 2 and tokenizer.decode(cut_ids) == t.render(Record("n", "sharegpt", rec.turns[:4])).text
+
+
+def test_eval_split_keeps_groups_together():
+    from koala_lib.conditioning.stage import split_records
+
+    recs = [Record(f"hh:f.jsonl:{i}:{side}", "hh", dialogue([("q", "a")]), "positive" if side == "pos" else "negative") for i in range(50) for side in ("pos", "neg")]
+    recs += [Record(f"sharegpt:c{i}#p{k}", "sharegpt", dialogue([("q", "a")])) for i in range(20) for k in range(2)]
+    train, held = split_records(recs, 0.2, seed=0)
+    assert len(train) + len(held) == len(recs) and held
+    group = lambda r: r.id.split("#")[0].rsplit(":", 1)[0] if r.source == "hh" else r.id.split("#")[0]
+    assert not {group(r) for r in train} & {group(r) for r in held}
+    assert split_records(recs, 0.2, seed=0) == (train, held)

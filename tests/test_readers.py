@@ -41,11 +41,17 @@ def test_jsonl_bad_lines_are_located(tmp_path):
 
 def test_json_array_elements_and_a_cut_file(tmp_path):
     path = tmp_path / "sg.json"
+    path.write_text('\ufeff[{"id": "a"}, {"id": "b"}]')
+    assert [(r.location, r.value) for r in rows("sharegpt", path)] == [("sg.json[0]", {"id": "a"}), ("sg.json[1]", {"id": "b"})]
     path.write_text('[{"id": "a"}, {"id": "b"},\n {"id": "c", "conversations": [')
-    out = rows("sharegpt", path)
-    assert [r.location for r in out] == ["sg.json[0]", "sg.json[1]", "sg.json[2]"]
-    assert out[1].value == {"id": "b"}
-    assert out[2].error.reason == "malformed" and "rest of the file is unreadable" in out[2].error.detail
+    with pytest.raises(SourceFormatError, match=r"sg.json: invalid JSON in array element \[2\] at line 2.*2 elements before it were read"):
+        rows("sharegpt", path)
+    path.write_text('[{"id": "a"}, {"id": "b"}] {"id": "c"}')
+    with pytest.raises(SourceFormatError, match=r"content after the closing \] of the array"):
+        rows("sharegpt", path)
+    path.write_text('[{"id": "a"} {"id": "b"}]')
+    with pytest.raises(SourceFormatError, match=r"misses a comma after element \[0\]"):
+        rows("sharegpt", path)
 
 
 def test_json_array_with_invalid_utf8_element(tmp_path):

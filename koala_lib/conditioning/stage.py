@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from koala_lib.config import Config
-from koala_lib.data.curate import load_curated
+from koala_lib.data.curate import load_curated, swap_in
 from koala_lib.data.schema import Record
 from koala_lib.plots import packing_efficiency, save, token_lengths
 
@@ -106,12 +106,22 @@ class ConditionResult:
         return {k: s[k] for k in ("examples", "tokens", "trainable_tokens", "rejected", "packed", "padded", "seq_len", "split")}
 
 
+def group_key(record: Record) -> str:
+    """Records from one upstream row share a key (both sides of a pair, HC3 answers to one question, split parts)."""
+    key = record.id.split("#")[0]
+    return key.rsplit(":", 1)[0] if record.source in ("hh", "webgpt", "summarize", "hc3") else key
+
+
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(train, eval): records sorted by id, then a seeded `fraction` held out (at least one when fraction > 0)."""
+    """(train, eval): whole groups of records (see `group_key`) held out, a seeded `fraction` of the groups.
+
+    Groups are sorted before sampling, so the split depends only on the data and the seed.
+    """
+    groups = sorted({group_key(r) for r in records})
+    n_eval = max(1, round(len(groups) * fraction)) if fraction > 0 and len(groups) > 1 else 0
+    held = set(random.Random(f"{seed}:eval").sample(groups, n_eval))
     ordered = sorted(records, key=lambda r: r.id)
-    n_eval = max(1, round(len(ordered) * fraction)) if fraction > 0 and len(ordered) > 1 else 0
-    held = set(random.Random(f"{seed}:eval").sample(range(len(ordered)), n_eval))
-    return [r for i, r in enumerate(ordered) if i not in held], [r for i, r in enumerate(ordered) if i in held]
+    return [r for r in ordered if group_key(r) not in held], [r for r in ordered if group_key(r) in held]
 
 
 def build_examples(records: list[Record], tokenizer, template, seq_len: int, rejected: Counter, progress: bool, desc: str) -> list[Example]:
@@ -120,8 +130,8 @@ def build_examples(records: list[Record], tokenizer, template, seq_len: int, rej
     bar = tqdm(total=len(records), desc=desc, unit=" records", disable=not progress, mininterval=0.5)
     for start in range(0, len(records), BATCH):
         batch = records[start : start + BATCH]
-        for record, (ids, mask) in zip(batch, tokenize(tokenizer, [template.render(r) for r in batch])):
-            ids, mask, kept = cut_to_length(ids, mask, tokenizer.eos_token_id, seq_len)
+        for record, (ids, mask, ends) in zip(batch, tokenize(tokenizer, [template.render(r) for r in batch])):
+            ids, mask, kept = cut_to_length(ids, mask, ends, seq_len)
             if kept == 0:
                 rejected["too_long"] += 1
             elif not mask.any():
@@ -189,8 +199,7 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records), tokenizer)
     stats["seconds"] = round(time.perf_counter() - start, 3)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.replace(final)
+    swap_in(tmp, final)
     save(token_lengths({s: [len(e.ids) for e in train if e.source == s] for s in stats["examples"]}, c.seq_len), cfg.figures_path / "token_lengths.png")
     save(packing_efficiency(lengths, c.seq_len, cfg.seed), cfg.figures_path / "packing_efficiency.png")
     total = stats["tokens"]["total"] if "total" in stats["tokens"] else sum(stats["tokens"].values())

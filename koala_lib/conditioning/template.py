@@ -25,19 +25,34 @@ from koala_lib.data.schema import Record, Turn
 @dataclass(frozen=True)
 class Rendered:
     text: str
-    trained: tuple[tuple[int, int], ...]  # character spans [start, end): each answer and the EOS after it
+    trained: tuple[tuple[int, int], ...]  # character spans [start, end): " " + each answer + the EOS after it
+
+
+WORD_JOINER = "\u2060"  # invisible; breaks a special-token string so that it stays text
 
 
 class Template:
-    """Renders records for training and conversations for inference, from one set of markers."""
+    """Renders records for training and conversations for inference, from one set of markers.
 
-    def __init__(self, cfg: ConditioningConfig, eos: str):
+    `specials` are the tokenizer's special-token strings: one that occurs inside a turn (an answer quoting
+    `</s>`, a user typing `<|im_start|>`) gets a word joiner after its first character, so it is tokenized as
+    text and can never end an answer or inject a control token.
+    """
+
+    def __init__(self, cfg: ConditioningConfig, eos: str, specials: Sequence[str] = ()):
         self.cfg = cfg
         self.eos = eos
+        self.specials = tuple(sorted({s for s in (*specials, eos) if s}, key=len, reverse=True))
+
+    def escape(self, text: str) -> str:
+        for special in self.specials:
+            if special in text:
+                text = text.replace(special, special[0] + WORD_JOINER + special[1:])
+        return text
 
     def _query(self, first: bool, query: str, marker: str) -> str:
         opening = f"{self.cfg.beginning} " if first else ""
-        return f"{opening}{self.cfg.user_marker} {query} {marker}"
+        return f"{opening}{self.cfg.user_marker} {self.escape(query)} {marker}"
 
     def render(self, record: Record) -> Rendered:
         """The training text of a record and the character spans the loss is taken on."""
@@ -46,12 +61,15 @@ class Template:
         spans: list[tuple[int, int]] = []
         pos = 0
         for i in range(0, len(record.turns), 2):
-            query, answer = record.turns[i].text, record.turns[i + 1].text
-            head = self._query(i == 0, query, marker) + (" " if answer else "")
+            query, answer = record.turns[i].text, self.escape(record.turns[i + 1].text)
+            head = self._query(i == 0, query, marker)
             parts.append(head)
             pos += len(head)
-            parts.append(answer + self.eos)
-            spans.append((pos, pos + len(answer) + len(self.eos)))
+            # The span starts at the joining space: where that space is a token of its own (before a digit,
+            # say), it is the first thing the model must produce after the marker.
+            body = (" " + answer if answer else "") + self.eos
+            parts.append(body)
+            spans.append((pos, pos + len(body)))
             pos = spans[-1][1]
         return Rendered("".join(parts), tuple(spans))
 
@@ -60,8 +78,8 @@ class Template:
         marker = self.cfg.marker("positive")
         text = ""
         for i in range(0, len(history), 2):
-            answer = history[i + 1].text
-            text += self._query(i == 0, history[i].text, marker) + (" " if answer else "") + answer + self.eos
+            answer = self.escape(history[i + 1].text)
+            text += self._query(i == 0, history[i].text, marker) + (" " + answer if answer else "") + self.eos
         return text + self._query(not history, query, marker)
 
 
@@ -79,7 +97,7 @@ def load_tokenizer(cfg: Config):
 
 def template_for(cfg: Config, tokenizer) -> Template:
     """The template with the tokenizer's EOS token between turns (the literal `</s>` when it has none)."""
-    return Template(cfg.conditioning, tokenizer.eos_token or "</s>")
+    return Template(cfg.conditioning, tokenizer.eos_token or "</s>", tokenizer.all_special_tokens)
 
 
 @dataclass
@@ -93,8 +111,11 @@ class Example:
     total_exchanges: int  # exchanges in the record
 
 
-def tokenize(tokenizer, rendered: Sequence[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Token ids and loss masks for rendered texts, one batched call (BOS as the tokenizer config says)."""
+def tokenize(tokenizer, rendered: Sequence[Rendered]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids, loss mask, exchange ends) per rendered text, in one batched call (BOS as the tokenizer config says).
+
+    `ends[k]` is the token index just past exchange k (its answer and EOS), so a cut there keeps whole exchanges.
+    """
     enc = tokenizer([r.text for r in rendered], return_offsets_mapping=True, add_special_tokens=True)
     out = []
     for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
@@ -103,16 +124,16 @@ def tokenize(tokenizer, rendered: Sequence[Rendered]) -> list[tuple[np.ndarray, 
         real = offsets[:, 1] > offsets[:, 0]  # special tokens added by the tokenizer have empty offsets
         for start, end in r.trained:
             mask |= (real & (offsets[:, 0] < end) & (offsets[:, 1] > start)).astype(np.uint8)
-        out.append((np.asarray(ids, dtype=np.int32), mask))
+        ends = np.array([int(np.searchsorted(offsets[:, 0] * real + (~real) * -1, end, side="left")) for _, end in r.trained], dtype=np.int64)
+        out.append((np.asarray(ids, dtype=np.int32), mask, ends))
     return out
 
 
-def cut_to_length(ids: np.ndarray, mask: np.ndarray, eos_id: int | None, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+def cut_to_length(ids: np.ndarray, mask: np.ndarray, ends: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Keep the longest run of whole exchanges that fits in `seq_len` tokens; returns ids, mask, exchanges kept.
 
-    An exchange ends at the trained EOS token that closes its answer; 0 exchanges kept means none fits.
+    0 exchanges kept means not even the first one fits.
     """
-    ends = np.flatnonzero((mask == 1) & (ids == eos_id)) + 1 if eos_id is not None else np.array([len(ids)])
     if len(ids) <= seq_len:
         return ids, mask, len(ends)
     fitting = ends[ends <= seq_len]
@@ -122,13 +143,29 @@ def cut_to_length(ids: np.ndarray, mask: np.ndarray, eos_id: int | None, seq_len
     return ids[:cut], mask[:cut], len(fitting)
 
 
+def _pieces(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[tuple[str, int]]:
+    """(text, mask) per token, a token merged with the next while it decodes to part of a character."""
+    pieces: list[tuple[str, int]] = []
+    pending: list[int] = []
+    for tok, m in zip(ids.tolist(), mask.tolist()):
+        pending.append(tok)
+        text = tokenizer.decode(pending)
+        if "\ufffd" in text and len(pending) < 4:
+            continue
+        pieces.append((text, m))
+        pending = []
+    if pending:
+        pieces.append((tokenizer.decode(pending), int(mask[-1])))
+    return pieces
+
+
 def highlight_html(tokenizer, ids: np.ndarray, mask: np.ndarray) -> str:
     """HTML of a tokenized example: trained tokens on green, the rest grey, token boundaries visible."""
     import html
 
     pieces = []
-    for tok, m in zip(ids.tolist(), mask.tolist()):
-        text = html.escape(tokenizer.decode([tok]))
+    for raw, m in _pieces(tokenizer, ids, mask):
+        text = html.escape(raw)
         style = "background:#c8ecc8;color:#0b3d0b" if m else "background:#eeeeee;color:#666666"
         pieces.append(f'<span style="{style};border-right:1px solid #fff;white-space:pre-wrap">{text}</span>')
     legend = '<div style="font-size:85%;margin-bottom:4px"><span style="background:#c8ecc8">trained (mask 1)</span> <span style="background:#eeeeee">context (mask 0)</span></div>'
@@ -138,11 +175,11 @@ def highlight_html(tokenizer, ids: np.ndarray, mask: np.ndarray) -> str:
 def marked_text(tokenizer, ids: np.ndarray, mask: np.ndarray) -> str:
     """Plain text of an example with trained spans between ⟦ and ⟧ (for terminals and tests)."""
     out, inside = [], False
-    for tok, m in zip(ids.tolist(), mask.tolist()):
+    for text, m in _pieces(tokenizer, ids, mask):
         if m and not inside:
             out.append("⟦")
         elif not m and inside:
             out.append("⟧")
         inside = bool(m)
-        out.append(tokenizer.decode([tok]))
+        out.append(text)
     return "".join(out) + ("⟧" if inside else "")

@@ -114,9 +114,9 @@ class Deduplicator:
         if self.mode == "none":
             return record
         key = self.key(record)
-        first = self._seen.setdefault(key, record.id)
-        if first != record.id:
-            raise Reject("duplicate", f"same query as {first}")
+        if key in self._seen:
+            raise Reject("duplicate", f"same query as {self._seen[key]}")
+        self._seen[key] = record.id
         return record
 
 

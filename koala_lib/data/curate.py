@@ -269,10 +269,19 @@ def write_outputs(records: list[Record], report: dict, out_dir: Path) -> None:
     finally:
         if not quiet:
             datasets.enable_progress_bars()
-    shutil.rmtree(out_dir / "curated", ignore_errors=True)
-    tmp.replace(out_dir / "curated")
+    swap_in(tmp, out_dir / "curated")
     _atomic_text(out_dir / "curated.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _atomic_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Replace folder `final` by `new`: the old one is renamed aside first, so a crash never leaves neither."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.replace(old)
+    new.replace(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -93,6 +93,7 @@ def _iter_local(root: Path, patterns: tuple[str, ...], max_bytes: int) -> Iterat
                 data = fh.read()
         except (OSError, EOFError) as exc:
             raise SourceFormatError(f"{path}: cannot read ({exc})") from None
+        data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
         if data.lstrip()[:1] == b"[":
             yield from _iter_json_array(data, rel, max_bytes)
         else:
@@ -133,9 +134,11 @@ def _iter_json_array(data: bytes, rel: str, max_bytes: int) -> Iterator[RawRow]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            # The array is cut or broken here; nothing after this point can be located reliably.
-            yield RawRow(rel, f"[{index}]", error=Reject("malformed", f"invalid JSON at line {exc.lineno}: {exc.msg}; the rest of the file is unreadable"))
-            return
+            # Past a syntax error no later element can be located, so no row could be counted: stop here.
+            raise SourceFormatError(
+                f"{rel}: invalid JSON in array element [{index}] at line {exc.lineno}, column {exc.colno} ({exc.msg}); "
+                f"{index} elements before it were read, the rest of the file cannot be located"
+            ) from None
         if end - pos > max_bytes:
             yield RawRow(rel, f"[{index}]", error=Reject("oversized", f"{end - pos:,} characters"))
         elif lossy and _has_bad_utf8(text, pos, end):
@@ -147,10 +150,12 @@ def _iter_json_array(data: bytes, rel: str, max_bytes: int) -> Iterator[RawRow]:
         if pos < len(text) and text[pos] == ",":
             pos += 1
         elif pos < len(text) and text[pos] == "]":
+            if _skip_space(text, pos + 1) < len(text):
+                line = text.count("\n", 0, pos + 1) + 1
+                raise SourceFormatError(f"{rel}: content after the closing ] of the array (line {line}); expected one JSON array")
             return
         else:
-            yield RawRow(rel, f"[{index}]", error=Reject("malformed", "the array is cut short or missing a comma; the rest of the file is unreadable"))
-            return
+            raise SourceFormatError(f"{rel}: the array is cut short or misses a comma after element [{index - 1}]")
 
 
 def _skip_space(text: str, pos: int) -> int:
