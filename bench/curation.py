@@ -63,9 +63,10 @@ def synthesize(n: int, seed: int = 0) -> list[dict]:
     rows, queries = [], []
     for i in range(n):
         lang = rng.choice(["fr", "de", "es"]) if rng.random() < 0.10 else "en"
+        duplicate = lang == "en" and bool(queries) and rng.random() < 0.20 / 0.90  # 20 % of all conversations
         turns = []
         for k in range(rng.randint(1, 4)):
-            if k == 0 and lang == "en" and queries and rng.random() < 0.20:
+            if k == 0 and duplicate:
                 query = rng.choice(queries).upper()  # a duplicate, differently cased
             else:
                 query = f"{sentence(rng, lang, rng.randint(6, 20))} ({i}.{k})"

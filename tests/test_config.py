@@ -4,7 +4,7 @@ from koala_lib import config
 from koala_lib.config import ConfigError, load
 
 
-@pytest.mark.parametrize("profile", ["smoke", "demo", "koala13b", "koala13b_distill"])
+@pytest.mark.parametrize("profile", ["smoke", "demo", "koala13b", "koala13b_distill", "koala13b_blog_markers"])
 def test_every_profile_loads_and_validates(profile):
     cfg = load(profile)
     assert cfg.profile == profile
@@ -17,6 +17,10 @@ def test_profiles_hold_the_koala_mixtures():
     assert load("koala13b").data.sources.hh.origin == "hub"
     assert load("koala13b").model.preset == "llama-13b"
     assert load("demo").data.sources.sharegpt.origin == "demo"
+    blog = load("koala13b_blog_markers").conditioning
+    assert (blog.marker("positive"), blog.marker("negative"), blog.marker("none")) == ("A helpful answer:", "An unhelpful answer:", "A helpful answer:")
+    released = load("koala13b").conditioning
+    assert (released.marker("positive"), released.marker("negative")) == ("GPT:", "An Unhelpful Answer:")
 
 
 def test_overrides_are_typed_and_nested():

@@ -125,3 +125,19 @@ def test_demo_special_rows(demo):
     assert len(long_parts) == 3 and all(r.chars() <= 12000 for r in long_parts)
     upstream = {r.meta["upstream_id"] for r in result.records if r.source == "sharegpt"}
     assert len(upstream) == 51  # every kept ShareGPT row keeps its upstream id; the split one gives 3 records
+
+
+def test_output_does_not_depend_on_the_hash_seed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    outputs = []
+    for seed in ("1", "2"):
+        runs = tmp_path / f"seed{seed}"
+        subprocess.run(
+            [sys.executable, "-m", "koala_lib.cli", "curate", "--profile", "smoke", "--quiet", "--runs-dir", str(runs), "--set", f"figures_dir={runs}/fig"],
+            check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        outputs.append(((runs / "smoke" / "data" / "curated.jsonl").read_bytes(), (runs / "fig" / "data_composition.png").read_bytes()))
+    assert outputs[0] == outputs[1]

@@ -50,3 +50,21 @@ def test_copy_code_artifacts_are_repaired():
     assert repair_code_artifacts("Run:\n```\npythonCopy code\nprint(1)\n```") == "Run:\n```python\nprint(1)\n```"
     assert repair_code_artifacts("Run:\n```bashCopy code\nls\n```") == "Run:\n```bash\nls\n```"
     assert repair_code_artifacts("A\nCopy code\nx = 1\n\n\n\nB") == "A\nx = 1\n\nB"
+
+
+def test_toolbar_label_gives_the_language_when_code_has_no_class():
+    html = ('<pre><div class="bg-black"><div class="flex"><span>bash</span><button>Copy code</button></div>'
+            '<div class="p-4"><code class="!whitespace-pre hljs">ls -la\n</code></div></div></pre>')
+    assert html_to_markdown(html) == "```bash\nls -la\n```"
+
+
+def test_katex_math_is_written_once_as_tex():
+    html = ('<p>Area is <span class="katex"><span class="katex-mathml"><math><semantics><mrow><mi>π</mi></mrow>'
+            '<annotation encoding="application/x-tex">\\pi r^2</annotation></semantics></math></span>'
+            '<span class="katex-html" aria-hidden="true"><span class="mord">πr2</span></span></span>.</p>')
+    assert html_to_markdown(html) == "Area is $\\pi r^2$."
+
+
+def test_paragraphs_inside_a_list_item_stay_paragraphs():
+    html = "<ul><li><p>First para.</p><p>Second para.</p><ul><li>sub</li></ul></li></ul>"
+    assert html_to_markdown(html) == "- First para.\n\n  Second para.\n  - sub"

@@ -143,3 +143,15 @@ def test_summarize_post_and_article_rules():
     assert "None" not in pos.turns[0].text
     assert reason("summarize", summarize_row(post=None, article=None)) == "empty"
     assert reason("summarize", {**summarize_row(), "choice": 2}) == "malformed"
+
+
+def test_sharegpt_empty_turns_take_their_pair_along():
+    row = {"id": "e", "conversations": [
+        {"from": "human", "value": "q1"}, {"from": "gpt", "value": "<p></p>"},
+        {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"},
+        {"from": "human", "value": "  "}, {"from": "gpt", "value": "a3"},
+        {"from": "human", "value": "q4"}, {"from": "gpt", "value": "a4"},
+    ]}
+    (r,) = parse("sharegpt", row)
+    assert [t.text for t in r.turns] == ["q2", "a2", "q4", "a4"]
+    assert r.meta["repairs"] == ["empty_answer_dropped_with_question", "empty_question_dropped_with_answer"]

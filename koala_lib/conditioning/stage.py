@@ -230,6 +230,7 @@ def build_stats(cfg: Config, train: list[Example], evals: list[Example], rejecte
         "trainable_tokens": {s: v[2] for s, v in by.items()},
         "rejected": dict(sorted(rejected.items())),
         "cut_at_turn_boundary": cut,
+        "exchanges_dropped_by_cut": sum(e.total_exchanges - e.exchanges for e in train + evals),
         "packed": {"rows": rows, "padding_fraction": round(padding_fraction(lengths, rows, c.seq_len), 6)},
         "padded": {"rows": len(lengths), "padding_fraction": round(padding_fraction(lengths, len(lengths), c.seq_len), 6)},
         "epochs": c.epochs,

@@ -133,7 +133,7 @@ def curate_source(cfg: Config, name: str, log, progress: bool = True) -> tuple[l
     filters = source_filters(name, src)
     rep = SourceReport(origin=describe_origin(name, src))
     checker = _FormatCheck(name, module.SCHEMA, cfg.data.format_check_rows)
-    kept_rows: list[list[Record]] = []
+    kept_rows: list[tuple[str, list[Record]]] = []
     start = time.perf_counter()
     rows: Iterable[RawRow] = iter_rows(name, src, cfg.data.max_record_bytes)
     for raw in tqdm(rows, desc=f"curate {name}", unit=" rows", disable=not progress, mininterval=0.5):
@@ -147,10 +147,10 @@ def curate_source(cfg: Config, name: str, log, progress: bool = True) -> tuple[l
             continue
         checker.seen(raw, None)
         rep.kept += 1
-        kept_rows.append(out)
+        kept_rows.append((raw.location, out))
     checker.finish()
     kept_rows = _apply_cap(kept_rows, src.cap, cfg.seed, name, rep, log)
-    records = [r for row in kept_rows for r in row]
+    records = [r for _, row in kept_rows for r in row]
     rep.records = len(records)
     rep.by_preference.update(r.preference for r in records)
     rep.chars_after = sum(r.chars() for r in records)
@@ -173,6 +173,8 @@ def _process(raw: RawRow, module, src, cfg: Config, filters: list[Callable], rep
         parts = split_long(record, cfg.data.max_chars)
         if len(parts) > 1:
             rep.repairs["split_long"] += 1
+        if parts[0].meta.get("dropped_exchanges"):
+            rep.repairs["exchange_longer_than_max_chars_dropped"] += parts[0].meta["dropped_exchanges"]
         out.extend(parts)
     for record in out[:1]:
         rep.repairs.update(record.meta.get("repairs", ()))
@@ -186,22 +188,22 @@ def source_filters(name: str, src) -> list[Callable[[Record], Record]]:
     return [KeywordFilter(src.keywords), LanguageFilter(src.language, src.language_chars), Deduplicator(src.dedup)]
 
 
-def _apply_cap(rows: list[list[Record]], cap: int | None, seed: int, name: str, rep: SourceReport, log) -> list[list[Record]]:
+def _apply_cap(rows: list[tuple[str, list[Record]]], cap: int | None, seed: int, name: str, rep: SourceReport, log) -> list[tuple[str, list[Record]]]:
     """Keep a seeded sample of rows whose records fit in `cap`; the other rows are rejected as `cap`."""
-    if cap is None or sum(len(r) for r in rows) <= cap:
+    if cap is None or sum(len(r) for _, r in rows) <= cap:
         return rows
     order = list(range(len(rows)))
     random.Random(f"{seed}:{name}").shuffle(order)
     chosen, total = set(), 0
     for i in order:
-        if total + len(rows[i]) <= cap:
+        if total + len(rows[i][1]) <= cap:
             chosen.add(i)
-            total += len(rows[i])
+            total += len(rows[i][1])
     for i in range(len(rows)):
         if i not in chosen:
             rep.kept -= 1
             rep.rejected["cap"] += 1
-            log.write(json.dumps({"source": name, "reason": "cap", "location": rows[i][0].id, "detail": f"cap {cap}"}) + "\n")
+            log.write(json.dumps({"source": name, "reason": "cap", "location": rows[i][0], "detail": f"cap {cap} records"}) + "\n")
     return [rows[i] for i in sorted(chosen)]
 
 

@@ -26,6 +26,7 @@ _SKIP = {"script", "style", "svg", "button", "head", "title", "noscript"}
 _BR = "\x00"  # a line break that survives whitespace collapsing
 _WS = re.compile(r"[ \t\r\n\f\v]+")
 _LEADING_TAG = re.compile(r"\s*<(div|p|pre|ol|ul|table|h[1-6]|blockquote|span|strong|em|code)\b[^>]*>", re.I)
+_LIST_START = re.compile(r"(- |\d+\. )")
 _LANG = re.compile(r"(?:^|\s)(?:language|lang)-([\w+#.-]+)")
 
 
@@ -97,6 +98,12 @@ class _Converter:
             if match:
                 lang = match.group(1)
                 break
+        if not lang:  # the toolbar's label: <div><span>bash</span><button>Copy code</button></div>
+            for bar in pre.xpath(".//button/.."):
+                label = " ".join(t.strip() for t in bar.xpath("./span//text()") if t.strip())
+                if re.fullmatch(r"[\w+#.-]+", label):
+                    lang = label
+                    break
         if code is not None:
             body = code.text_content()
         else:  # a <pre> without <code>: its text, less any toolbar
@@ -118,7 +125,10 @@ class _Converter:
                 continue
             marker = f"{number}." if ordered else "-"
             number += 1
-            body = "\n".join(self.blocks(li)) or ""
+            parts = self.blocks(li)
+            body = "".join(
+                (("\n" if _LIST_START.match(b) else "\n\n") if k else "") + b for k, b in enumerate(parts)
+            )
             first, *rest = body.split("\n")
             lines.append(f"{marker} {first}".rstrip())
             pad = " " * (len(marker) + 1)
@@ -158,6 +168,11 @@ class _Converter:
             return f"{tick}{text}{tick}" if text else ""
         if tag == "img":
             return f"![{el.get('alt', '')}]({el.get('src', '')})"
+        classes = el.get("class", "").split()
+        if "katex" in classes or "katex-display" in classes:  # KaTeX: its TeX source, once
+            tex = el.xpath(".//annotation[@encoding='application/x-tex']/text()")
+            if tex:
+                return f"$${tex[0].strip()}$$" if "katex-display" in classes else f"${tex[0].strip()}$"
         inner = self.inner(el)
         if not inner.strip():
             return inner

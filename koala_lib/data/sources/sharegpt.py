@@ -1,9 +1,10 @@
 """ShareGPT: `{"id", "conversations": [{"from": "human"|"gpt"|"system"|..., "value"}]}` in a JSON array.
 
 Raw dumps hold answers as ChatGPT's HTML; the `_cleaned_split` files hold markdown. Both become markdown.
-Repairs, each counted in the report: `system` turns dropped; empty turns dropped; consecutive turns of
-one role merged; leading answers (a conversation that starts with `gpt`) dropped; a final unanswered
-question dropped. An unknown role makes the row `malformed`.
+Repairs, each counted in the report: `system` turns dropped; an empty turn dropped with the turn it pairs
+with (an empty answer takes its question along, an empty question its answer), so no exchange is invented;
+consecutive turns of one role merged; leading answers (a conversation that starts with `gpt`) dropped; a
+final unanswered question dropped. An unknown role makes the row `malformed`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def parse(row, key: str, src, data) -> list[Record]:
     upstream_id = row.get("id") if isinstance(row.get("id"), str) else None
     turns: list[Turn] = []
     repairs: list[str] = []
+    orphaned = False  # answers after an empty question are dropped with it
     for i, turn in enumerate(conversation):
         where = f"conversations[{i}]"
         speaker = require(turn, "from", str, where)
@@ -36,8 +38,17 @@ def parse(row, key: str, src, data) -> list[Record]:
             repairs.append("system_turn_dropped")
             continue
         text = answer_to_markdown(value) if role == "assistant" else value.strip()
-        if not text:
-            repairs.append("empty_turn_dropped")
+        if role == "user":
+            orphaned = not text
+            if orphaned:
+                repairs.append("empty_question_dropped_with_answer")
+                continue
+        elif orphaned:
+            continue
+        elif not text:
+            repairs.append("empty_answer_dropped_with_question")
+            if turns and turns[-1].role == "user":
+                turns.pop()
             continue
         turns.append(Turn(role, text))
     merged = merge_roles(turns)
