@@ -27,7 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from koala_lib.config import Config
-from koala_lib.data.curate import load_curated, swap_in
+from koala_lib.data.curate import load_curated
+from koala_lib.files import swap_in
 from koala_lib.data.schema import Record
 from koala_lib.plots import packing_efficiency, save, token_lengths
 

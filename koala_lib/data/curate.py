@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from koala_lib.config import SOURCE_NAMES, Config, ConfigError
+from koala_lib.files import atomic_text, swap_in
 from koala_lib.plots import data_composition, save
 
 from .clean import Deduplicator, KeywordFilter, LanguageFilter, split_long
@@ -272,24 +273,8 @@ def write_outputs(records: list[Record], report: dict, out_dir: Path) -> None:
         if not quiet:
             datasets.enable_progress_bars()
     swap_in(tmp, out_dir / "curated")
-    _atomic_text(out_dir / "curated.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _atomic_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-
-
-def swap_in(new: Path, final: Path) -> None:
-    """Replace folder `final` by `new`: the old one is renamed aside first, so a crash never leaves neither."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.replace(old)
-    new.replace(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_text(out_dir / "curated.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
 
 
 def load_curated(cfg: Config) -> list[Record]:

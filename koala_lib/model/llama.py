@@ -1,0 +1,176 @@
+"""LLaMA in Flax NNX, numerically equal to transformers' `LlamaForCausalLM`.
+
+Reads top to bottom: rotary embeddings, RMSNorm, attention, MLP, block, model. Shapes in comments use
+B batch, T query length, S key length, D hidden size, N query heads, K key/value heads, H head size, V vocab.
+
+Packed rows: `segment_ids` [B, T] (0 = padding) and `positions` [B, T] come with the batch; a token attends
+only to earlier tokens of its own segment, so each packed example is computed as if it were alone.
+
+Parameters live in `param_dtype` (fp32 master weights); matmuls run in `dtype` (e.g. bf16 on GPU).
+Attention goes through `jax.nn.dot_product_attention` (`xla` on CPU, `cudnn` on GPU, or JAX's choice).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .presets import LlamaConfig
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def inv_frequencies(cfg: LlamaConfig) -> jax.Array:
+    """[H/2] rotary frequencies, with Llama 3's scaling when the config has it (as transformers computes them)."""
+    h = cfg.head_size
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, 1, H] for integer positions [B, T] (Hugging Face layout: the two halves repeat)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, H] rotated: x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D], normalised in fp32
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, dtype, param_dtype, implementation, rngs: nnx.Rngs):
+        d, h = cfg.hidden_size, cfg.head_size
+        self.n_heads, self.n_kv, self.head = cfg.num_heads, cfg.num_kv_heads, h
+        self.implementation = implementation
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, self.n_heads * h)
+        self.k_proj = linear(d, self.n_kv * h)
+        self.v_proj = linear(d, self.n_kv * h)
+        self.o_proj = linear(self.n_heads * h, d)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        b, t, _ = x.shape  # x [B, T, D]
+        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head)  # [B, T, N, H]
+        k = self.k_proj(x).reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
+        v = self.v_proj(x).reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, H]
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head))  # [B, T, D]
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, dtype, param_dtype, rngs: nnx.Rngs):
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # SwiGLU: [B, T, D] -> [B, T, D]
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, dtype, param_dtype, implementation, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, rngs)
+        self.self_attn = Attention(cfg, dtype, param_dtype, implementation, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, rngs)
+        self.mlp = MLP(cfg, dtype, param_dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean: causal, and only within a segment (padding, segment 0, attends within padding)."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None, :, :]
+
+
+_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama(nnx.Module):
+    """LlamaForCausalLM: token ids [B, T] -> logits [B, T, V] (computed in `dtype`, returned in fp32)."""
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention: Literal["xla", "cudnn"] | None = None,
+        remat: RematPolicy = "none",
+        rngs: nnx.Rngs,
+    ):
+        self.cfg = cfg
+        self.remat = remat
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, dtype, param_dtype, attention, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
+            cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.inv_freq = nnx.Variable(inv_frequencies(cfg))  # a constant, not a parameter
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), dtype=jnp.int32)
+        cos, sin = rotary(positions, self.inv_freq[...])  # [B, T, 1, H]
+        mask = attention_mask(segment_ids)  # [B, 1, T, T]
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        for block in self.layers:
+            if self.remat == "none":
+                x = block(x, cos, sin, mask)
+            else:
+                x = nnx.remat(Block.__call__, policy=_POLICIES[self.remat])(block, x, cos, sin, mask)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, T, V]
+        return logits.astype(jnp.float32)

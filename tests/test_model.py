@@ -1,0 +1,109 @@
+"""The Flax LLaMA against transformers' PyTorch LlamaForCausalLM, packed segments, and HF round trips."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import jax.numpy as jnp  # noqa: E402
+from transformers import LlamaConfig as HFConfig  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from koala_lib.model.checkpoints import load_hf, save_hf  # noqa: E402
+from koala_lib.model.presets import PRESETS, from_hf_config  # noqa: E402
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+CONFIGS = {
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, rope_theta=10000.0),
+    "gqa-tied": dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
+    "gqa-theta5e5": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0),
+    "gqa-llama3-rope": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3),
+}
+
+
+def hf_model(name, tmp_path, seed=0):
+    torch.manual_seed(seed)
+    cfg = HFConfig(vocab_size=320, hidden_size=48, intermediate_size=80, num_hidden_layers=3, max_position_embeddings=256, **CONFIGS[name])
+    model = LlamaForCausalLM(cfg).eval()
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(1, 7), (3, 37), (2, 96)])
+def test_logits_parity_with_transformers_on_random_configs(name, shape, tmp_path):
+    model, folder = hf_model(name, tmp_path)
+    ids = np.random.default_rng(shape[1]).integers(0, 320, size=shape)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(load_hf(folder)(jnp.asarray(ids)))
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_config_round_trip_through_hf():
+    for name, cfg in PRESETS.items():
+        from koala_lib.model.presets import to_hf_config
+
+        assert from_hf_config(json.loads(json.dumps(to_hf_config(cfg)))) == cfg, name
+
+
+def test_packed_row_gives_each_segment_its_own_logits(tmp_path):
+    _, folder = hf_model("gqa-llama3-rope", tmp_path)
+    model = load_hf(folder)
+    rng = np.random.default_rng(3)
+    pieces = [rng.integers(0, 320, size=n) for n in (11, 5, 20)]
+    tokens = np.concatenate(pieces + [np.zeros(4, dtype=np.int64)])[None]  # three segments, then padding
+    segments = np.concatenate([np.full(len(p), i + 1) for i, p in enumerate(pieces)] + [np.zeros(4)])[None].astype(np.int32)
+    positions = np.concatenate([np.arange(len(p)) for p in pieces] + [np.arange(4)])[None].astype(np.int32)
+    packed = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))[0]
+    start = 0
+    for piece in pieces:
+        alone = np.asarray(model(jnp.asarray(piece[None])))[0]
+        assert np.abs(packed[start : start + len(piece)] - alone).max() < 1e-5
+        start += len(piece)
+
+
+@pytest.mark.parametrize("name", ["mha-untied", "gqa-tied"])
+def test_hf_to_params_to_hf_is_bit_exact(name, tmp_path):
+    from safetensors.numpy import load_file
+
+    _, folder = hf_model(name, tmp_path)
+    out = save_hf(load_hf(folder), tmp_path / "exported")
+    original, exported = load_file(folder / "model.safetensors"), load_file(out / "model.safetensors")
+    original.pop("lm_head.weight", None) if CONFIGS[name]["tie_word_embeddings"] else None
+    assert set(exported) == set(original)
+    for key in original:
+        assert original[key].dtype == exported[key].dtype and np.array_equal(original[key], exported[key]), key
+    reloaded = LlamaForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, LlamaForCausalLM.from_pretrained(folder).eval()(ids).logits)
+
+
+@pytest.mark.slow
+def test_smollm2_parity_with_transformers():
+    """Real weights. SmolLM2's hidden states reach ~2e4, so the order of fp32 sums alone moves its logits by
+    ~1e-4: transformers' own fp32 logits are that far from an fp64 run. So the kit is measured against the fp64
+    run too: its fp32 error must be of the same order as transformers' (within 3x), with the same top token."""
+    from transformers import AutoModelForCausalLM
+
+    from koala_lib.model.gguf_default import default_model_dir
+
+    folder = default_model_dir()
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    exact = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    model = load_hf(folder)
+    for shape in [(1, 9), (2, 40), (4, 64)]:
+        ids = np.random.default_rng(shape[1]).integers(0, 49152, size=shape)
+        with torch.no_grad():
+            ref = reference(torch.tensor(ids)).logits.numpy()
+            ref64 = exact(torch.tensor(ids)).logits.numpy()
+        ours = np.asarray(model(jnp.asarray(ids)))
+        ours_error, torch_error = np.abs(ours - ref64).max(), np.abs(ref - ref64).max()
+        print(f"{shape}: |kit - transformers| {np.abs(ours - ref).max():.2e}, error vs fp64: kit {ours_error:.2e}, transformers {torch_error:.2e}")
+        assert ours_error < 3 * torch_error, shape
+        assert np.abs(ours - ref).max() < 5e-4, shape
+        assert (ours.argmax(-1) == ref.argmax(-1)).all(), shape
