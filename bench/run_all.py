@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["curation.py", "conditioning.py"]
+SCRIPTS = ["curation.py", "conditioning.py", "model_forward.py"]
 
 if __name__ == "__main__":
     for script in SCRIPTS:

