@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from koala_lib.config import ConfigError, load, show
@@ -89,6 +90,25 @@ def cmd_weights_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_diff(args: argparse.Namespace) -> int:
+    from koala_lib.model.weights_diff import make_diff
+
+    print(make_diff(Path(args.base), Path(args.target), Path(args.out)))
+    return 0
+
+
+def cmd_weights_recover(args: argparse.Namespace) -> int:
+    from koala_lib.model.weights_diff import recover
+
+    summary = recover(Path(args.base), Path(args.diff), Path(args.out))
+    bad = [row for row in summary if not row["recovered_matches"]]
+    for row in summary:
+        flag = "ok" if row["recovered_matches"] else "MISMATCH"
+        print(f"{flag:8} {row['tensor']:55} {str(row['shape']):>16} {row['dtype']}")
+    print(f"recovered {len(summary)} tensors into {args.out}; {len(bad)} differ from the target's checksums")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koala", description="Reproduce the Koala chatbot, stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="`default`, a Hugging Face folder, or a hub id")
     p.add_argument("--out", required=True, help="the folder to write")
     p.set_defaults(func=cmd_weights_export)
+    p = weights.add_parser("diff", help="write target - base as a weight diff (Koala's way of publishing weights)")
+    p.add_argument("--base", required=True, help="the base Hugging Face folder")
+    p.add_argument("--target", required=True, help="the fine-tuned Hugging Face folder")
+    p.add_argument("--out", required=True, help="the diff folder to write")
+    p.set_defaults(func=cmd_weights_diff)
+    p = weights.add_parser("recover", help="base + diff -> the fine-tuned folder, checked tensor by tensor")
+    p.add_argument("--base", required=True)
+    p.add_argument("--diff", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_weights_recover)
     return parser
 
 
@@ -138,11 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     from koala_lib.data.readers import SourceFormatError
+    from koala_lib.model.weights_diff import BaseMismatch
     from koala_lib.pipeline import StageFailed
 
     try:
         return func(args)
-    except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError) as exc:
+    except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError, BaseMismatch) as exc:
         print(f"koala: error: {exc}", file=sys.stderr)
         return 2
 
