@@ -90,6 +90,13 @@ def cmd_weights_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_from_meta(args: argparse.Namespace) -> int:
+    from koala_lib.model.meta import convert_meta
+
+    print(convert_meta(args.meta, args.out, tokenizer_from=args.tokenizer))
+    return 0
+
+
 def cmd_weights_diff(args: argparse.Namespace) -> int:
     from koala_lib.model.weights_diff import make_diff
 
@@ -151,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="`default`, a Hugging Face folder, or a hub id")
     p.add_argument("--out", required=True, help="the folder to write")
     p.set_defaults(func=cmd_weights_export)
+    p = weights.add_parser("from-meta", help="Meta's params.json + consolidated.*.pth -> a Hugging Face folder")
+    p.add_argument("--meta", required=True, help="folder with params.json and consolidated.NN.pth")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied alongside")
+    p.set_defaults(func=cmd_weights_from_meta)
     p = weights.add_parser("diff", help="write target - base as a weight diff (Koala's way of publishing weights)")
     p.add_argument("--base", required=True, help="the base Hugging Face folder")
     p.add_argument("--target", required=True, help="the fine-tuned Hugging Face folder")

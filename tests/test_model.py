@@ -122,3 +122,42 @@ def test_weights_export_cli_writes_a_folder_transformers_loads(tmp_path, capsys)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
     assert main(["weights", "export", "--checkpoint", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o2")]) == 2
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_layout_checkpoint_converts_back_to_equal_logits(tmp_path, shards, capsys):
+    """A Meta-layout checkpoint made from a random HF model (interleaved rotary rows, model-parallel shards)."""
+    from koala_lib.cli import main
+    from koala_lib.model.meta import LAYER_TENSORS, TOP_TENSORS, halves_to_interleaved
+
+    model, folder = hf_model("gqa-theta5e5", tmp_path)
+    cfg = model.config
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = {}
+    for name, (hf, axis) in TOP_TENSORS.items():
+        meta[name] = (state[hf], axis)
+    for i in range(cfg.num_hidden_layers):
+        for name, (hf, axis) in LAYER_TENSORS.items():
+            tensor = state[f"model.layers.{i}.{hf}"]
+            if name == "attention.wq.weight":
+                tensor = halves_to_interleaved(tensor, cfg.num_attention_heads)
+            if name == "attention.wk.weight":
+                tensor = halves_to_interleaved(tensor, cfg.num_key_value_heads)
+            meta[f"layers.{i}.{name}"] = (tensor, axis)
+    out = tmp_path / "meta"
+    out.mkdir()
+    for s in range(shards):
+        shard = {k: (t if axis is None else torch.chunk(t, shards, dim=axis)[s]).contiguous() for k, (t, axis) in meta.items()}
+        torch.save(shard, out / f"consolidated.{s:02d}.pth")
+    (out / "params.json").write_text(json.dumps({
+        "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": cfg.num_key_value_heads, "norm_eps": cfg.rms_norm_eps, "rope_theta": 500000.0, "vocab_size": -1,
+    }))
+    assert main(["weights", "from-meta", "--meta", str(out), "--out", str(tmp_path / "hf")]) == 0
+    converted = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, model(ids).logits)
+    ours = np.asarray(load_hf(tmp_path / "hf")(jnp.asarray(ids.numpy())))
+    with torch.no_grad():
+        assert np.abs(ours - model(ids).logits.numpy()).max() < 1e-4
