@@ -186,6 +186,10 @@ class ModelConfig:
     base: str = doc("default", "base checkpoint: `default` (the embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id")
     preset: Literal[MODEL_PRESETS] = doc("smollm2-135m", f"architecture preset: {', '.join(MODEL_PRESETS)}")  # type: ignore[valid-type]
     tokenizer: str | None = doc(None, "tokenizer folder or hub id; null = the base checkpoint's")
+    dtype: Literal["float32", "bfloat16"] = doc("float32", "compute dtype of matmuls (bfloat16 on GPUs)")
+    param_dtype: Literal["float32", "bfloat16"] = doc("float32", "dtype the parameters are kept in (fp32 master weights)")
+    attention: Literal["auto", "xla", "cudnn"] = doc("auto", "attention implementation: xla (CPU), cudnn (GPU), or JAX's choice")
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = doc("none", "rematerialization per block: none, full, or keep matmul outputs")
 
 
 # ----------------------------------------------------------------------------- the whole config

@@ -161,3 +161,78 @@ def test_meta_layout_checkpoint_converts_back_to_equal_logits(tmp_path, shards, 
     ours = np.asarray(load_hf(tmp_path / "hf")(jnp.asarray(ids.numpy())))
     with torch.no_grad():
         assert np.abs(ours - model(ids).logits.numpy()).max() < 1e-4
+
+
+def test_loading_places_each_tensor_on_its_sharding(tmp_path):
+    """On 8 virtual CPU devices: tensors go straight to the sharding the caller names, and logits are unchanged."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model, folder = hf_model("gqa-tied", tmp_path)
+    ids = np.random.default_rng(0).integers(0, 320, size=(4, 12))
+    with torch.no_grad():
+        np.save(tmp_path / "ref.npy", model(torch.tensor(ids)).logits.numpy())
+    np.save(tmp_path / "ids.npy", ids)
+    script = textwrap.dedent(f"""
+        import numpy as np, jax, jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from koala_lib.model.checkpoints import load_hf
+        assert jax.device_count() == 8
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+        def sharding(name):
+            if name.endswith("embed_tokens.weight") or "mlp" in name:
+                return NamedSharding(mesh, P("fsdp", None))
+            return NamedSharding(mesh, P())
+        model = load_hf({str(folder)!r}, sharding=sharding)
+        emb = model.embed_tokens.embedding[...]
+        assert emb.sharding.spec == P("fsdp", None), emb.sharding
+        assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (80, 48)
+        assert model.layers[0].mlp.gate_proj.kernel[...].sharding.spec == P("fsdp", None)
+        logits = np.asarray(model(jnp.asarray(np.load({str(tmp_path / 'ids.npy')!r}))))
+        assert np.abs(logits - np.load({str(tmp_path / 'ref.npy')!r})).max() < 1e-4
+        print("ok")
+    """)
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_bf16_compute_stays_close_to_fp32(tmp_path):
+    _, folder = hf_model("gqa-tied", tmp_path)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 320, size=(2, 16)))
+    fp32 = np.asarray(load_hf(folder)(ids))
+    bf16 = load_hf(folder, dtype=jnp.bfloat16)
+    assert bf16.norm.weight[...].dtype == jnp.float32  # master weights stay fp32
+    out = np.asarray(bf16(ids))
+    assert out.dtype == np.float32 and 0 < np.abs(out - fp32).max() < 0.05
+
+
+def test_profile_model_section_builds_models(tmp_path):
+    from koala_lib.config import load
+    from koala_lib.model.checkpoints import init_model, load_base, model_kwargs
+
+    cfg = load("smoke", ["model.preset=debug", "model.remat=dots", f"model.base={tmp_path / 'x'}"])
+    model = init_model(cfg.model, seed=0)
+    assert model.cfg == PRESETS["debug"] and model.remat == "dots"
+    logits = model(jnp.ones((2, 5), dtype=jnp.int32))
+    assert logits.shape == (2, 5, 512) and np.isfinite(np.asarray(logits)).all()
+    assert model_kwargs(load("koala13b").model)["dtype"] == jnp.bfloat16
+    _, folder = hf_model("mha-untied", tmp_path)
+    assert load_base(load("smoke", [f"model.base={folder}"]).model).cfg.num_layers == 3
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_gradients(policy):
+    from flax import nnx
+
+    from koala_lib.model.llama import Llama
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 9)))
+    loss = lambda m: m(tokens).mean()
+    plain = nnx.grad(loss)(Llama(PRESETS["debug"], rngs=nnx.Rngs(0)))
+    remat = nnx.grad(loss)(Llama(PRESETS["debug"], rngs=nnx.Rngs(0), remat=policy))
+    import jax
+
+    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), nnx.to_pure_dict(plain), nnx.to_pure_dict(remat))
+    assert max(jax.tree_util.tree_leaves(diffs)) < 1e-6

@@ -44,6 +44,28 @@ def resolve_checkpoint(name: str) -> Path:
         raise FileNotFoundError(f"{name!r} is neither a local folder nor a reachable hub repository ({type(exc).__name__}: {exc})") from None
 
 
+def model_kwargs(model_cfg) -> dict:
+    """Llama keyword arguments from the config's `model` section (dtypes, attention, remat)."""
+    return {
+        "dtype": jnp.dtype(model_cfg.dtype),
+        "param_dtype": jnp.dtype(model_cfg.param_dtype),
+        "attention": None if model_cfg.attention == "auto" else model_cfg.attention,
+        "remat": model_cfg.remat,
+    }
+
+
+def load_base(model_cfg, **overrides) -> Llama:
+    """The profile's base model: `model.base` resolved to a Hugging Face folder and loaded with its dtypes."""
+    return load_hf(resolve_checkpoint(model_cfg.base), **{**model_kwargs(model_cfg), **overrides})
+
+
+def init_model(model_cfg, seed: int) -> Llama:
+    """A randomly initialized model of the config's `model.preset` (the `debug` preset trains from scratch)."""
+    from .presets import preset
+
+    return Llama(preset(model_cfg.preset), rngs=nnx.Rngs(seed), **model_kwargs(model_cfg))
+
+
 def parameter_table(model: Llama) -> Iterator[tuple[str, Callable[[], nnx.Variable], bool]]:
     """(Hugging Face tensor name, the matching nnx Param, transpose?) for every parameter of the model."""
     yield "model.embed_tokens.weight", (lambda: model.embed_tokens.embedding), False
