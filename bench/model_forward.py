@@ -20,16 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import record_section  # noqa: E402
 
 
-def interleaved(fns: list, repeats: int) -> list[float]:
-    """Best time of each function, calls alternating so that both see the same machine conditions."""
-    for fn in fns:
-        fn()  # warm-up
+def interleaved(fns: list, repeats: int, rounds: int = 3) -> list[float]:
+    """Best time of each function over `rounds` alternating blocks of `repeats` calls.
+
+    Blocks alternate so that both implementations see the same machine conditions; within a block one runtime
+    runs alone, so neither's idle worker threads (XLA's and PyTorch's pools both spin) get in the other's way.
+    """
     best = [float("inf")] * len(fns)
-    for _ in range(repeats):
+    for _ in range(rounds):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
+            fn()  # warm-up after the other runtime had the cores
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -37,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import jax
@@ -74,7 +78,7 @@ def main() -> None:
         "model_forward",
         "Model forward: kit vs transformers (bench/model_forward.py)",
         [
-            f"SmolLM2-135M (real weights), fp32, batch {args.batch} x {args.length} tokens, best of {args.repeats} alternating calls, {threads} CPU threads for both.",
+            f"SmolLM2-135M (real weights), fp32, batch {args.batch} x {args.length} tokens, best of 3 alternating blocks of {args.repeats} calls, {threads} CPU threads for both.",
             "",
             "| implementation | tokens/s |",
             "|---|---|",
