@@ -82,7 +82,7 @@ def parameter_table(model: Llama) -> Iterator[tuple[str, Callable[[], nnx.Variab
         yield "lm_head.weight", (lambda: model.lm_head.kernel), True
 
 
-def _safetensor_files(folder: Path) -> dict[str, Path]:
+def safetensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> file, from `model.safetensors.index.json` or the single `model.safetensors`."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -113,7 +113,7 @@ def load_hf(folder: str | Path, *, sharding: Callable[[str], jax.sharding.Shardi
     folder = Path(folder)
     cfg = from_hf_config(json.loads((folder / "config.json").read_text()))
     model = abstract_model(cfg, **model_kwargs)
-    files = _safetensor_files(folder)
+    files = safetensor_files(folder)
     handles: dict[Path, object] = {}
     try:
         for name, param, transpose in parameter_table(model):

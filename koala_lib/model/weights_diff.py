@@ -20,7 +20,7 @@ import numpy as np
 
 from koala_lib.files import swap_in
 
-from .checkpoints import TOKENIZER_FILES, _safetensor_files
+from .checkpoints import TOKENIZER_FILES, safetensor_files
 
 MANIFEST = "koala_diff.json"
 # safetensors dtype -> the unsigned integer type of the same width (bit patterns are what a diff works on)
@@ -68,7 +68,7 @@ def write_raw(path: Path, tensors: dict[str, tuple[str, list[int], np.ndarray]],
 def _tensors(folder: Path) -> dict[str, tuple[str, list[int], np.ndarray]]:
     """Every tensor of a Hugging Face folder (single or sharded safetensors), raw."""
     out = {}
-    for file in sorted(set(_safetensor_files(folder).values())):
+    for file in sorted(set(safetensor_files(folder).values())):
         out.update(read_raw(file))
     return out
 
