@@ -1,6 +1,5 @@
 """Stage 2: exact template strings, masks from character offsets, inference prompts as training prefixes."""
 
-import json
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import pytest
 from koala_lib.config import load
 from koala_lib.conditioning import Template, load_tokenizer, template_for, tokenize
 from koala_lib.conditioning.template import cut_to_length, marked_text
-from koala_lib.data.schema import Record, Turn, dialogue
+from koala_lib.data.schema import Record, dialogue
 from koala_lib.data.sources import SOURCES
 
 CFG = load("smoke")

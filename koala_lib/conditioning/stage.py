@@ -197,20 +197,20 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     eval_plan = pack_plan(np.diff(e_offsets), c.seq_len, cfg.seed, 0)
     _write_rows(tmp / "eval", materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id))
 
-    stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records), tokenizer)
+    stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records))
     stats["seconds"] = round(time.perf_counter() - start, 3)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     swap_in(tmp, final)
     save(token_lengths({s: [len(e.ids) for e in train if e.source == s] for s in stats["examples"]}, c.seq_len), cfg.figures_path / "token_lengths.png")
     save(packing_efficiency(lengths, c.seq_len, cfg.seed), cfg.figures_path / "packing_efficiency.png")
-    total = stats["tokens"]["total"] if "total" in stats["tokens"] else sum(stats["tokens"].values())
+    total = sum(stats["tokens"].values())
     print(f"conditioned {len(train) + len(evals):,} examples ({total:,} tokens) in {stats['seconds']:.1f} s "
           f"({total / max(stats['seconds'], 1e-9):,.0f} tokens/s); padding {stats['packed']['padding_fraction']:.1%} packed "
           f"vs {stats['padded']['padding_fraction']:.1%} padded -> {final}")
     return ConditionResult(train, evals, stats, final, tokenizer, cfg.seed)
 
 
-def build_stats(cfg: Config, train: list[Example], evals: list[Example], rejected: Counter, rows: int, records: int, tokenizer) -> dict:
+def build_stats(cfg: Config, train: list[Example], evals: list[Example], rejected: Counter, rows: int, records: int) -> dict:
     c = cfg.conditioning
     by = defaultdict(lambda: [0, 0, 0])
     cut = sum(1 for e in train + evals if e.exchanges < e.total_exchanges)
