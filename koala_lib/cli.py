@@ -2,6 +2,7 @@
 
     koala config show --profile demo --set data.mixture=koala_distill
     koala curate --profile smoke --sources sharegpt,hh
+    koala train --profile smoke --variant koala_distill
     koala pipeline --profile demo --stages 01
     koala weights fetch-default
 """
@@ -53,6 +54,16 @@ def cmd_condition(args: argparse.Namespace) -> int:
         print(marked_text(result.tokenizer, example.ids, example.mask))
     print(result.table().to_string())
     print(f"stats: {result.out_dir / 'stats.json'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from koala_lib.train.report import train_all
+
+    cfg = load(args.profile, _overrides(args))
+    variants = [v.strip() for v in args.variant.split(";")] if args.variant else None
+    report = train_all(cfg, variants, progress=not args.quiet)
+    print(report.table().to_string())
     return 0
 
 
@@ -137,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_condition)
 
+    p = sub.add_parser("train", help="stage 3: fine-tune each variant on a device mesh (resumes from its last checkpoint)")
+    _common(p)
+    p.add_argument("--variant", default=None, help="only this variant (a mixture, e.g. koala_distill); default: train.variants")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("pipeline", help="run the stage notebooks with papermill")
     _common(p)
     p.add_argument("--stages", default=None, help="only these stages, comma-separated (e.g. 01,02)")
@@ -182,10 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from koala_lib.data.readers import SourceFormatError
     from koala_lib.model.weights_diff import BaseMismatch
     from koala_lib.pipeline import StageFailed
+    from koala_lib.train import DoesNotFit
 
     try:
         return func(args)
-    except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError, BaseMismatch) as exc:
+    except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError, BaseMismatch, DoesNotFit) as exc:
         print(f"koala: error: {exc}", file=sys.stderr)
         return 2
 

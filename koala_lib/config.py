@@ -10,16 +10,14 @@ given twice and values of the wrong type or outside the allowed set are errors t
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
+
+from koala_lib.typed_yaml import ConfigError, UniqueKeyLoader, build, doc, show, to_dict  # noqa: F401 (re-exported)
 
 SOURCE_NAMES = ("sharegpt", "hc3", "oig", "alpaca", "hh", "webgpt", "summarize")
 MIXTURES = {
@@ -27,19 +25,6 @@ MIXTURES = {
     "koala_distill": ("sharegpt", "hc3"),  # Koala-Distill: ChatGPT distillation data only
 }
 MODEL_PRESETS = ("debug", "smollm2-135m", "llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "llama3-8b")
-
-
-class ConfigError(ValueError):
-    """A profile or override that does not validate; the message names the key."""
-
-
-def doc(default: Any, comment: str, **kw: Any) -> Any:
-    """A dataclass field with a default and its one-line comment."""
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("use a tuple or a default_factory for mutable defaults")
-    if dataclasses.is_dataclass(default) and isinstance(default, type):
-        return field(default_factory=default, metadata={"doc": comment}, **kw)
-    return field(default=default, metadata={"doc": comment}, **kw)
 
 
 # ----------------------------------------------------------------------------- data sources
@@ -184,12 +169,52 @@ class ConditioningConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     base: str = doc("default", "base checkpoint: `default` (the embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id")
+    init: Literal["pretrained", "random"] = doc("pretrained", "start from `base`'s weights, or a random `preset` model (vocab from the tokenizer)")
     preset: Literal[MODEL_PRESETS] = doc("smollm2-135m", f"architecture preset: {', '.join(MODEL_PRESETS)}")  # type: ignore[valid-type]
     tokenizer: str | None = doc(None, "tokenizer folder or hub id; null = the base checkpoint's")
     dtype: Literal["float32", "bfloat16"] = doc("float32", "compute dtype of matmuls (bfloat16 on GPUs)")
     param_dtype: Literal["float32", "bfloat16"] = doc("float32", "dtype the parameters are kept in (fp32 master weights)")
     attention: Literal["auto", "xla", "cudnn"] = doc("auto", "attention implementation: xla (CPU), cudnn (GPU), or JAX's choice")
     remat: Literal["none", "full", "dots", "dots_no_batch"] = doc("none", "rematerialization per block: none, full, or keep matmul outputs")
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str | None = doc(None, "host:port of process 0 for a multi-process run; null = one process (unless `auto`)")
+    num_processes: int | None = doc(None, "processes in a multi-process run")
+    process_id: int | None = doc(None, "this process's index (0 .. num_processes - 1)")
+    auto: bool = doc(False, "let jax.distributed.initialize() read the cluster's environment (SLURM, Open MPI, ...)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    variants: tuple[str, ...] = doc((), "models to fine-tune, each named by its data mixture (within data.mixture); empty = data.mixture")
+    mesh: str = doc("1,-1,1", "device mesh (data, fsdp, tensor) sizes; -1 = the remaining devices")
+    batch_size: int = doc(32, "packed rows per optimizer step, over all devices")
+    grad_accum: int = doc(1, "micro-batches per step (batch_size must divide by it)")
+    max_steps: int | None = doc(None, "stop after this many optimizer steps; null = every epoch of conditioning.epochs")
+    learning_rate: float = doc(2e-5, "peak learning rate")
+    end_learning_rate: float = doc(0.0, "learning rate at the end of the cosine decay")
+    warmup_steps: int = doc(0, "linear warmup from 0 to the peak, in optimizer steps")
+    b1: float = doc(0.9, "AdamW beta1")
+    b2: float = doc(0.95, "AdamW beta2")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay")
+    no_decay: tuple[str, ...] = doc(("norm", "embed_tokens"), "parameters whose path matches any of these regexes get no weight decay")
+    clip_grad_norm: float | None = doc(1.0, "clip the global gradient norm to this; null = no clipping")
+    eval_every: int = doc(0, "steps between eval-loss passes over the held-out split (always at the end); 0 = end only")
+    eval_rows: int | None = doc(None, "packed eval rows per eval pass; null = all")
+    log_every: int = doc(1, "steps between rows of metrics.jsonl")
+    checkpoint_every: int = doc(200, "steps between orbax checkpoints (always at the end)")
+    keep_checkpoints: int = doc(2, "most recent checkpoints kept")
+    export_hf: bool = doc(True, "also write the final params as a Hugging Face folder (train/<variant>/hf)")
+    peak_tflops: float | None = doc(None, "per-device peak TFLOP/s for MFU; null = a known GPU's dense bf16 peak, or a measured matmul on CPU")
+    device_memory_gb: float | None = doc(None, "memory per device for the fit check; null = what the device reports")
+    memory_check: Literal["error", "warn", "off"] = doc("error", "when the estimate exceeds device memory: stop, warn, or skip the check")
+    distributed: DistributedConfig = doc(DistributedConfig, "multi-process (multi-host) runs through jax.distributed")
 
 
 # ----------------------------------------------------------------------------- the whole config
@@ -204,11 +229,17 @@ class Config:
     data: DataConfig = doc(DataConfig, "stage 1: sources, mixture and cleaning")
     conditioning: ConditioningConfig = doc(ConditioningConfig, "stage 2: chat template, markers, packing")
     model: ModelConfig = doc(ModelConfig, "base model and tokenizer")
+    train: TrainConfig = doc(TrainConfig, "stage 3: optimizer, device mesh, checkpoints, metrics")
 
     @property
     def run_dir(self) -> Path:
         """`<runs_dir>/<profile>`, absolute."""
         return resolve_path(self.runs_dir) / self.profile
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The models stage 3 fine-tunes: `train.variants`, or the data mixture itself."""
+        return self.train.variants or (self.data.mixture,)
 
     @property
     def figures_path(self) -> Path:
@@ -257,23 +288,6 @@ def resolve_path(path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that rejects a key given twice in one mapping."""
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def profile_path(profile: str) -> Path:
     """`params/<profile>.yaml`, or the profile itself when it is a path to a YAML file."""
     if profile.endswith((".yaml", ".yml")):
@@ -291,7 +305,7 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
     if not path.is_file():
         raise ConfigError(f"profile {profile!r}: no file {path} (available: {', '.join(available_profiles())})")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -301,8 +315,14 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
     raw = {"profile": Path(path).stem, **raw}
     for key, value in _parse_overrides(overrides).items():
         _set_dotted(raw, key, value)
-    cfg = _build(Config, raw, "")
+    cfg = build(Config, raw, "")
     cfg.data.source_names()  # validates the mixture
+    for variant in cfg.variants:
+        extra = set(mixture_sources(variant)) - set(cfg.data.source_names())
+        if extra:
+            raise ConfigError(f"train.variants: {variant!r} needs {', '.join(sorted(extra))}, not in data.mixture {cfg.data.mixture!r}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
     return cfg
 
 
@@ -337,88 +357,3 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {prefix + str(key)!r}{hint} (allowed: {', '.join(fields)})")
-        kwargs[key] = _coerce(hints[key], value, prefix + key)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (inner, _) = typing.get_args(tp)
-        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"{key}: unsupported config type {tp}")
-
-
-# ----------------------------------------------------------------------------- showing
-
-
-def to_dict(cfg: Any) -> dict:
-    """The config as plain data (tuples as lists)."""
-    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))
-
-
-def show(cfg: Config) -> str:
-    """The resolved config as YAML, each key followed by its one-line comment."""
-    lines: list[str] = []
-    _show(cfg, 0, lines)
-    return "\n".join(lines) + "\n"
-
-
-def _show(obj: Any, indent: int, lines: list[str]) -> None:
-    pad = "  " * indent
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        comment = f.metadata.get("doc", "")
-        if dataclasses.is_dataclass(value):
-            lines.append(f"{pad}{f.name}:  # {comment}")
-            _show(value, indent + 1, lines)
-        else:
-            text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True, width=10**6)
-            text = text.strip().removesuffix("...").strip()
-            lines.append(f"{pad}{f.name}: {text}  # {comment}")

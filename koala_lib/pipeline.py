@@ -18,6 +18,7 @@ from koala_lib.config import ConfigError, load, project_root
 STAGES = [
     ("01", "01_data_curation.ipynb"),
     ("02", "02_marker_conditioning.ipynb"),
+    ("03", "03_finetune.ipynb"),
 ]
 
 

@@ -109,3 +109,21 @@ def packing_efficiency(lengths, seq_len: int, seed: int, row_lengths: tuple[int,
     ax.set_title("Packing efficiency: how much of each row is real data", fontsize=10)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
+
+
+def loss_curves(runs: dict[str, tuple[list[dict], list[dict]]]) -> Figure:
+    """Training loss per step (thin) and eval loss (markers), one colour per variant; {variant: (train rows, eval rows)}."""
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.subplots()
+    colors = ("#2f6db3", "#c0392b", "#27ae60", "#8e44ad", "#d68910")
+    for (variant, (train, evals)), color in zip(runs.items(), colors):
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=color, linewidth=1.2, alpha=0.85, label=f"{variant} train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], color=color, linestyle="--", marker="o",
+                    markersize=5, label=f"{variant} eval (held-out)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per trained token (nats)")
+    ax.set_title("Fine-tuning loss: answer tokens only, averaged over each batch's targets", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    return fig

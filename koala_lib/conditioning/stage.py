@@ -198,6 +198,7 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     _write_rows(tmp / "eval", materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id))
 
     stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records))
+    stats["pad_id"] = int(pad_id)
     stats["seconds"] = round(time.perf_counter() - start, 3)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     swap_in(tmp, final)

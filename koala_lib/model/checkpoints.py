@@ -82,6 +82,15 @@ def parameter_table(model: Llama) -> Iterator[tuple[str, Callable[[], nnx.Variab
         yield "lm_head.weight", (lambda: model.lm_head.kernel), True
 
 
+def param_path(hf_name: str) -> str:
+    """The model's parameter path (`layers/3/mlp/up_proj/kernel`) for a Hugging Face tensor name."""
+    name = hf_name.removeprefix("model.")
+    if name == "embed_tokens.weight":
+        return "embed_tokens/embedding"
+    leaf = "kernel" if name.endswith("_proj.weight") or name == "lm_head.weight" else "weight"
+    return name.rsplit(".", 1)[0].replace(".", "/") + "/" + leaf
+
+
 def safetensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> file, from `model.safetensors.index.json` or the single `model.safetensors`."""
     index = folder / "model.safetensors.index.json"
@@ -127,8 +136,11 @@ def load_hf(folder: str | Path, *, sharding: Callable[[str], jax.sharding.Shardi
             expected = variable.get_value()
             if tuple(array.shape) != tuple(expected.shape):
                 raise ValueError(f"{name}: shape {array.shape} in the checkpoint, {expected.shape} expected")
-            value = jnp.asarray(array, dtype=expected.dtype)
-            variable.set_value(jax.device_put(value, sharding(name)) if sharding else value)
+            if sharding is None:
+                variable.set_value(jnp.asarray(array, dtype=expected.dtype))
+            else:  # each device receives only its own slice of the host array
+                host = np.asarray(array, dtype=expected.dtype)
+                variable.set_value(jax.make_array_from_callback(host.shape, sharding(name), lambda index, h=host: h[index]))
     finally:
         handles.clear()
     model.inv_freq.set_value(inv_frequencies(cfg))

@@ -1,0 +1,149 @@
+"""Benchmark: one AdamW training step of SmolLM2-135M, the kit (JAX) against transformers (PyTorch), fp32.
+
+Same weights, same packed batch (4 x 256 tokens by default, three examples per row), same CPU threads, in this
+one script. Each side does forward, masked cross-entropy, backward, global-norm clipping and an AdamW update.
+MFU is against a matmul peak measured here (a jitted fp32 matmul).
+
+    python bench/train_step.py [--batch 4] [--length 256] [--remat none] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_forward import interleaved  # noqa: E402
+from results import record_section  # noqa: E402
+
+
+def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of three segments each, answer halves trained (as stage 2 writes them)."""
+    rng = np.random.default_rng(seed)
+    cuts = sorted(rng.choice(np.arange(16, length - 16), size=2, replace=False))
+    bounds = [0, *cuts, length]
+    out = {"tokens": rng.integers(0, vocab, size=(batch, length)).astype(np.int32)}
+    seg, pos, mask = (np.zeros((batch, length), np.int32) for _ in range(3))
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+        seg[:, a:b], pos[:, a:b] = s, np.arange(b - a)
+        mask[:, (a + b) // 2 : b] = 1
+    return {**out, "segment_ids": seg, "positions": pos, "loss_mask": mask}
+
+
+def kit_step(folder: Path, batch: dict, remat: str):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from koala_lib.config import TrainConfig
+    from koala_lib.model.checkpoints import load_hf
+    from koala_lib.model.sharding import make_mesh
+    from koala_lib.train.optim import make_optimizer
+    from koala_lib.train.step import make_train_step
+
+    mesh = make_mesh("1,1,1", jax.devices()[:1])
+    graphdef, params, rest = nnx.split(load_hf(folder, remat=remat), nnx.Param, ...)
+    params = params.to_pure_dict()
+    tx, schedule = make_optimizer(TrainConfig(learning_rate=1e-5, no_decay=()), 1000, params)
+    replicated = NamedSharding(mesh, P())
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.key_data(jax.random.key(0))}
+    shardings = jax.tree.map(lambda _: replicated, state)
+    step = make_train_step(graphdef, rest, tx, schedule, shardings, replicated)
+    device_batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
+    start = time.perf_counter()
+    step = step.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run():
+        holder["state"], stats = step(holder["state"], device_batch)
+        return float(stats["loss"])
+
+    return run, compile_s
+
+
+def torch_step(folder: Path, batch: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    tokens = torch.tensor(batch["tokens"], dtype=torch.long)
+    positions = torch.tensor(batch["positions"], dtype=torch.long)
+    seg = torch.tensor(batch["segment_ids"])
+    mask = torch.tensor(batch["loss_mask"])
+    t = tokens.shape[1]
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # packed: attend within the segment only
+    attn = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    weights = ((seg[:, 1:] == seg[:, :-1]) & (mask[:, 1:] > 0)).float()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=tokens, position_ids=positions, attention_mask=attn).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
+        loss = (nll * weights.reshape(-1)).sum() / weights.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(loss)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+
+    import jax
+    import torch
+
+    from koala_lib.model.gguf_default import default_model_dir
+    from koala_lib.model.presets import from_hf_config
+    from koala_lib.train.budget import flops_per_token, measure_matmul_flops
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    folder = default_model_dir()
+    import json
+
+    arch = from_hf_config(json.loads((folder / "config.json").read_text()))
+    batch = packed_batch(args.batch, args.length, arch.vocab_size)
+    kit, compile_s = kit_step(folder, batch, args.remat)
+    hf = torch_step(folder, batch)
+    kit_s, hf_s = interleaved([kit, hf], args.repeats, rounds=2)
+    peak = measure_matmul_flops("float32", 2048)
+    tokens = args.batch * args.length
+    flops = flops_per_token(arch, args.length) * tokens
+    kit_rate, hf_rate = tokens / kit_s, tokens / hf_s
+    lines = [
+        f"SmolLM2-135M, batch {args.batch} x {args.length} packed tokens (3 examples per row), fp32, AdamW + clipping, "
+        f"{threads} threads, remat {args.remat}; matmul peak measured here {peak / 1e9:.0f} GFLOP/s.",
+        "",
+        "| implementation | step (s) | tokens/s | MFU |",
+        "|---|---:|---:|---:|",
+        f"| kit (JAX {jax.__version__}, jit) | {kit_s:.2f} | {kit_rate:,.0f} | {flops / kit_s / peak:.1%} |",
+        f"| transformers (torch {torch.__version__}) | {hf_s:.2f} | {hf_rate:,.0f} | {flops / hf_s / peak:.1%} |",
+        "",
+        f"Ratio kit / transformers: **{kit_rate / hf_rate:.2f}x** (goal >= 1.0x). Kit compile: {compile_s:.1f} s (excluded).",
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        record_section("train_step", "Training step: kit vs transformers (bench/train_step.py)", lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Stage 3: fine-tune one variant on its packed rows, on a device mesh, resumable from orbax checkpoints.
+
+    result = fit(cfg, "koala_distill")     # runs/<P>/train/koala_distill/{metrics.jsonl, checkpoints/, hf/}
+
+A run that finds a checkpoint in its folder continues from it: params, AdamW state, step and RNG are restored,
+and the data position follows from the step, so an interrupted run ends exactly where an uninterrupted one
+would. Checkpoints are written by orbax into a temporary folder and renamed when complete; a kill leaves the
+last complete one. metrics.jsonl gets one line per logged step, flushed as it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from koala_lib.config import Config
+from koala_lib.model.checkpoints import abstract_model, load_hf, model_kwargs, param_path, resolve_checkpoint, save_hf
+from koala_lib.model.llama import Llama
+from koala_lib.model.presets import LlamaConfig, from_hf_config, preset
+from koala_lib.model.sharding import LLAMA_RULES, check_divisible, make_mesh, match_rules, mesh_shape, named, path_str
+
+from . import DoesNotFit
+from .budget import device_memory, fit_message, flops_per_token, peak_flops
+from .data import BATCH_SPEC, VariantData, variant_name
+from .optim import make_optimizer
+from .step import make_eval_step, make_train_step
+
+
+@dataclass
+class TrainResult:
+    variant: str
+    out_dir: Path
+    steps: int
+    resumed_from: int | None
+    summary: dict
+
+
+def init_distributed(cfg: Config) -> None:
+    """Join a multi-process run (once per process) when the profile asks for one."""
+    d = cfg.train.distributed
+    if not (d.coordinator or d.auto) or jax.distributed.is_initialized():
+        return
+    if jax.default_backend() == "cpu" or d.coordinator and d.coordinator.startswith(("127.", "localhost")):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if d.auto:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+
+
+def model_config(cfg: Config, tokenizer_vocab: int) -> tuple[LlamaConfig, Path | None]:
+    """(architecture, base folder or None for a random init) of the profile's model."""
+    if cfg.model.init == "random":
+        return preset(cfg.model.preset).replace(vocab_size=tokenizer_vocab), None
+    folder = resolve_checkpoint(cfg.model.base)
+    return from_hf_config(json.loads((folder / "config.json").read_text())), folder
+
+
+def tokenizer_vocab(cfg: Config) -> int:
+    """The vocabulary size the packed token ids come from (stage 2's tokenizer)."""
+    from koala_lib.conditioning.template import load_tokenizer
+
+    return len(load_tokenizer(cfg))
+
+
+def build_model(cfg: Config, arch: LlamaConfig, folder: Path | None, mesh) -> Llama:
+    """The base model with each parameter placed on its shards as it is read (or initialized)."""
+    abstract = nnx.split(abstract_model(arch, **model_kwargs(cfg.model)), nnx.Param, ...)[1].to_pure_dict()
+    specs = {path_str(path): spec for path, spec in jax.tree_util.tree_flatten_with_path(
+        match_rules(LLAMA_RULES, abstract), is_leaf=lambda x: isinstance(x, P))[0]}
+    if folder is not None:
+        return load_hf(folder, sharding=lambda name: NamedSharding(mesh, specs[param_path(name)]), **model_kwargs(cfg.model))
+    graphdef, params, rest = nnx.split(Llama(arch, rngs=nnx.Rngs(cfg.seed), **model_kwargs(cfg.model)), nnx.Param, ...)
+
+    def place(path, x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, NamedSharding(mesh, specs[path_str(path)]), lambda i: host[i])
+
+    return nnx.merge(graphdef, nnx.State(jax.tree_util.tree_map_with_path(place, params.to_pure_dict())), rest)
+
+
+def memory_gb() -> float:
+    """Peak memory in GiB: the device's peak on accelerators, the process's peak RSS on CPU."""
+    stats = jax.local_devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _manager(folder: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(folder.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def _resume_metrics(path: Path, step: int | None) -> None:
+    """Keep the rows of metrics.jsonl up to the restored step (a fresh run starts an empty file)."""
+    if jax.process_index() != 0:
+        return
+    kept = []
+    if step is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+
+def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Fine-tune `variant` (a mixture name) and write `runs/<P>/train/<variant>/`; resumes from its last checkpoint."""
+    import orbax.checkpoint as ocp
+
+    init_distributed(cfg)
+    t = cfg.train
+    name = variant_name(variant)
+    out_dir = cfg.run_dir / "train" / name
+    mesh = make_mesh(t.mesh)
+    shape = mesh_shape(t.mesh, jax.device_count())
+    if (t.batch_size // t.grad_accum) % (shape[0] * shape[1]):
+        raise ValueError(f"train.batch_size / grad_accum = {t.batch_size // t.grad_accum} rows per micro-batch do not divide over data x fsdp = {shape[0] * shape[1]} devices")
+    data = VariantData.open(cfg, variant)
+    total = data.total_steps(t.max_steps)
+    arch, folder = model_config(cfg, tokenizer_vocab(cfg))
+
+    if t.memory_check != "off":
+        limit, source = device_memory(t.device_memory_gb)
+        message = fit_message(arch, cfg.model, t, shape, data.seq_len, limit, source)
+        if message and t.memory_check == "error":
+            raise DoesNotFit(message)
+        if message:
+            print(f"warning: {message}")
+
+    model = build_model(cfg, arch, folder, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = params.to_pure_dict()
+    tx, schedule = make_optimizer(t, total, params)
+    param_specs = match_rules(LLAMA_RULES, params)
+    check_divisible(params, param_specs, mesh)
+    opt_specs = match_rules(LLAMA_RULES, jax.eval_shape(tx.init, params))
+    state_specs = {"params": param_specs, "opt_state": opt_specs, "step": P(), "rng": P()}
+    state_shardings = named(mesh, state_specs)
+    state = {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params),
+        "step": jax.device_put(np.int32(0), state_shardings["step"]),
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), state_shardings["rng"]),
+    }
+    meta = {"variant": name, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seq_len": data.seq_len,
+            "total_steps": total, "rows": [data.rows(e) for e in range(len(data.epochs))], "seed": cfg.seed}
+
+    manager = _manager(out_dir / "checkpoints", t.keep_checkpoints)
+    resumed = manager.latest_step()
+    if resumed is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+        restored = manager.restore(resumed, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        saved = {k: v for k, v in restored["meta"].items() if k in meta}
+        if saved != meta:
+            changed = ", ".join(f"{k}: {saved.get(k)} -> {meta[k]}" for k in meta if saved.get(k) != meta[k])
+            raise ValueError(f"{out_dir / 'checkpoints'} holds a run with other settings ({changed}); delete it or use another runs_dir")
+        state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored["state"]))
+    metrics_path = out_dir / "metrics.jsonl"
+    _resume_metrics(metrics_path, resumed)
+
+    batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+    train_step = make_train_step(graphdef, rest, tx, schedule, state_shardings, batch_sharding)
+    eval_step = make_eval_step(graphdef, rest, state_shardings["params"], batch_sharding)
+    peak, peak_source = peak_flops(jax.devices()[0], cfg.model.dtype, t.peak_tflops)
+    flops = flops_per_token(arch, data.seq_len)
+    writer = open(metrics_path, "a", encoding="utf-8") if jax.process_index() == 0 else None
+
+    def log(row: dict) -> None:
+        if writer:
+            writer.write(json.dumps(row) + "\n")
+            writer.flush()
+
+    def evaluate(step: int) -> float:
+        sums = np.zeros(3)
+        for batch in data.eval_batches(mesh, t.eval_rows):
+            sums += np.array([float(x) for x in eval_step(state["params"], batch)])
+        eval_loss = sums[0] / max(sums[2], 1.0)
+        log({"step": step, "eval_loss": round(eval_loss, 6), "eval_accuracy": round(sums[1] / max(sums[2], 1.0), 6), "eval_targets": int(sums[2])})
+        return eval_loss
+
+    start = int(resumed or 0)
+    compile_s = 0.0
+    if start < total:  # compile ahead, so that step times are step times
+        tick = time.perf_counter()
+        train_step = train_step.lower(state, data.global_batch(start, mesh)).compile()
+        compile_s = time.perf_counter() - tick
+    first_loss = last = None
+    eval_loss = None
+    if start == 0:
+        evaluate(0)  # the base model's eval loss, the point the curve starts from
+    bar = tqdm(total=total, initial=start, desc=f"train {name}", unit="step", disable=not progress or jax.process_index() != 0)
+    began = time.perf_counter()
+    try:
+        for step in range(start, total):
+            batch = data.global_batch(step, mesh)
+            tick = time.perf_counter()
+            state, stats = train_step(state, batch)
+            stats = {k: float(v) for k, v in jax.device_get(stats).items()}  # waits for the step
+            seconds = time.perf_counter() - tick
+            epoch, _ = data.position(step)
+            positions = t.batch_size * data.seq_len
+            row = {"step": step + 1, "epoch": epoch, "loss": round(stats["loss"], 6), "accuracy": round(stats["accuracy"], 6),
+                   "lr": stats["lr"], "grad_norm": round(stats["grad_norm"], 6), "targets": int(stats["targets"]),
+                   "seconds": round(seconds, 4), "tokens_per_s": round(positions / seconds, 1),
+                   "mfu": round(flops * positions / seconds / (peak * jax.device_count()), 5), "memory_gb": round(memory_gb(), 3)}
+            first_loss = row["loss"] if first_loss is None else first_loss
+            last = row
+            if (step + 1) % t.log_every == 0 or step + 1 == total:
+                log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if on_step:
+                on_step(step + 1, row)
+            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total:
+                evaluate(step + 1)
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == total:
+                manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step + 1, "epoch": epoch})))
+        if start < total:
+            eval_loss = evaluate(total)
+        else:  # already complete: the eval of the finished run
+            rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()] if writer else []
+            eval_loss = next((r["eval_loss"] for r in reversed(rows) if "eval_loss" in r), None)
+        manager.wait_until_finished()
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+        manager.close()
+    seconds = time.perf_counter() - began
+    if t.export_hf:
+        export(cfg, nnx.merge(graphdef, nnx.State(state["params"]), rest), folder, out_dir / "hf")
+    summary = {"variant": name, "steps": total, "resumed_from": resumed, "first_loss": first_loss,
+               "final_loss": last["loss"] if last else None, "final_eval_loss": None if eval_loss is None else round(float(eval_loss), 6),
+               "seconds": round(seconds, 2), "compile_seconds": round(compile_s, 2),
+               "mesh": list(shape), "devices": jax.device_count(), "processes": jax.process_count(),
+               "flops_per_token": flops, "peak_flops_per_device": peak, "peak_source": peak_source}
+    if jax.process_index() == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"trained {name}: {total - start} steps in {seconds:.1f} s; loss {first_loss} -> {summary['final_loss']}, eval loss {eval_loss} -> {out_dir}")
+    return TrainResult(name, out_dir, total, resumed, summary)
+
+
+def export(cfg: Config, model: Llama, base_folder: Path | None, out: Path) -> None:
+    """The fine-tuned params as a Hugging Face folder (written by process 0, gathered from every process)."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        model = nnx.merge(graphdef, nnx.State(multihost_utils.process_allgather(params.to_pure_dict(), tiled=True)), rest)
+    if jax.process_index() == 0:
+        from koala_lib.conditioning.template import load_tokenizer
+
+        tokenizer_dir = base_folder
+        if tokenizer_dir is None:  # a random init: the profile's tokenizer
+            tokenizer = load_tokenizer(cfg)
+            tokenizer_dir = Path(tokenizer.name_or_path)
+        save_hf(model, out, tokenizer_from=tokenizer_dir)

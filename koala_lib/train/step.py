@@ -1,0 +1,92 @@
+"""The train and eval steps: masked next-token cross-entropy over packed rows, jitted onto the mesh.
+
+Loss convention: the sum of per-token cross-entropies over every trained target of the optimizer step's
+whole batch (all micro-batches, all devices), divided by the number of those targets. A target is token
+t + 1 predicted at position t, counted when its loss-mask bit is 1 and both tokens belong to the same packed
+example (never across examples, never in padding). Long and short examples thus weigh by their tokens, and
+accumulating micro-batches gives exactly the full batch's gradient.
+
+    step_fn = make_train_step(graphdef, rest, tx, schedule, state_shardings, batch_sharding)
+    state, stats = step_fn(state, batch)     # stats: loss, accuracy, targets, grad_norm, lr
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
+    """[b, T-1] 1.0 where token t+1 is a trained target predicted from position t, else 0.0."""
+    seg = batch["segment_ids"]
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    return (same & (batch["loss_mask"][:, 1:] > 0)).astype(jnp.float32)
+
+
+def token_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(sum of cross-entropy, (correct predictions, targets)) over the trained targets of a micro-batch."""
+    weights = target_weights(batch)  # [b, T-1]
+    targets = batch["tokens"][:, 1:]  # [b, T-1]
+    logits = logits[:, :-1].astype(jnp.float32)  # [b, T-1, V]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    loss_sum = jnp.sum((log_z - picked) * weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
+    return loss_sum, (correct, jnp.sum(weights))
+
+
+def _forward_sums(graphdef, rest, params, batch):
+    model = nnx.merge(graphdef, nnx.State(params), rest)
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, T, V]
+    return token_sums(logits, batch)
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, state_shardings: Any, batch_sharding: Any):
+    """A jitted `(state, batch) -> (state, stats)`; the state's arrays keep their shardings (donated)."""
+    grad_fn = jax.value_and_grad(lambda p, mb: _forward_sums(graphdef, rest, p, mb), has_aux=True)
+
+    def step(state, batch):  # batch: dict of [accum, micro, T]
+        params = state["params"]
+
+        def micro(carry, mb):
+            grads, loss, correct, count = carry
+            (l, (c, n)), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        (grads, loss, correct, count), _ = jax.lax.scan(micro, init, batch)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])),
+        }
+        stats = {
+            "loss": loss / denom,
+            "accuracy": correct / denom,
+            "targets": count,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+        }
+        return new_state, stats
+
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(graphdef, rest, param_shardings: Any, batch_sharding: Any):
+    """A jitted `(params, batch) -> (loss sum, correct, targets)` over a [1, micro, T] batch."""
+
+    def evaluate(params, batch):
+        mb = jax.tree.map(lambda x: x[0], batch)
+        loss, (correct, count) = _forward_sums(graphdef, rest, params, mb)
+        return loss, correct, count
+
+    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding))
