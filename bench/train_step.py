@@ -38,7 +38,6 @@ def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str
 def kit_step(folder: Path, batch: dict, remat: str):
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -50,7 +49,7 @@ def kit_step(folder: Path, batch: dict, remat: str):
 
     mesh = make_mesh("1,1,1", jax.devices()[:1])
     graphdef, params, rest = nnx.split(load_hf(folder, remat=remat), nnx.Param, ...)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     tx, schedule = make_optimizer(TrainConfig(learning_rate=1e-5, no_decay=()), 1000, params)
     replicated = NamedSharding(mesh, P())
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.key_data(jax.random.key(0))}

@@ -320,7 +320,7 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
     for variant in cfg.variants:
         extra = set(mixture_sources(variant)) - set(cfg.data.source_names())
         if extra:
-            raise ConfigError(f"train.variants: {variant!r} needs {', '.join(sorted(extra))}, not in data.mixture {cfg.data.mixture!r}")
+            raise ConfigError(f"train.variants: {variant!r} needs {', '.join(sorted(extra))}, not in data.mixture {cfg.data.mixture!r}; set train.variants too")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
     return cfg

@@ -29,7 +29,7 @@ def test_overrides_are_typed_and_nested():
     assert cfg.data.sources.hc3.answers == "human"
     assert cfg.data.sources.sharegpt.keywords == ("a", "b")
     assert cfg.data.cap_per_source == 5
-    assert load("demo", {"data.mixture": "sharegpt,alpaca"}).data.source_names() == ("sharegpt", "alpaca")
+    assert load("demo", {"data.mixture": "sharegpt,alpaca", "train.variants": []}).data.source_names() == ("sharegpt", "alpaca")
 
 
 def test_config_is_frozen():
@@ -91,3 +91,15 @@ def test_relative_runs_dir_is_taken_from_the_kit_root(tmp_path):
     assert load("smoke").run_dir == config.project_root() / "runs" / "smoke"
     assert load("smoke", [f"runs_dir={tmp_path}"]).run_dir == tmp_path / "smoke"
     assert load("demo").figures_path == config.project_root() / "figures"
+
+
+def test_a_float_written_without_a_dot_is_a_number():
+    cfg = load("demo", ["train.learning_rate=1e-5", "train.eps=2E-8"])
+    assert cfg.train.learning_rate == 1e-5 and cfg.train.eps == 2e-8
+    with pytest.raises(ConfigError, match="train.learning_rate: expected a number, got 'fast'"):
+        load("demo", ["train.learning_rate=fast"])
+
+
+def test_a_variant_outside_the_mixture_is_an_error_with_the_fix():
+    with pytest.raises(ConfigError, match=r"train.variants: 'koala_all' needs hc3, .* not in data.mixture 'sharegpt,alpaca'; set train.variants"):
+        load("demo", ["data.mixture=sharegpt,alpaca"])

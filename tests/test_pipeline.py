@@ -11,7 +11,7 @@ from koala_lib.pipeline import StageFailed, run_pipeline
 @pytest.mark.slow
 def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     runs = run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], progress=False)
-    assert [r.stage for r in runs] == ["01", "02"]
+    assert [r.stage for r in runs] == ["01", "02", "03"]
     assert runs[0].notebook == tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
     metrics = json.loads((tmp_path / "smoke" / "data" / "metrics.json").read_text())
     report = json.loads((tmp_path / "smoke" / "data" / "report.json").read_text())
@@ -38,6 +38,13 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     eval_ids = np.load(tmp_path / "smoke" / "conditioned" / "examples" / "eval" / "ids.npy")
     assert sum(conditioned["tokens"].values()) == len(ids) + len(eval_ids)
     assert (tmp_path / "fig" / "packing_efficiency.png").is_file() and (tmp_path / "fig" / "token_lengths.png").is_file()
+    # stage 3: both variants trained for the smoke's 4 steps; the loss and the held-out loss fall
+    trained = json.loads((tmp_path / "smoke" / "train" / "metrics.json").read_text())
+    assert sorted(trained) == ["koala_all", "koala_distill"]
+    for m in trained.values():
+        assert m["steps"] == 4 and m["last_loss"] < m["first_loss"]
+        assert len(m["eval_losses"]) == 3 and m["eval_losses"][-1] < m["eval_losses"][0]  # steps 0, 2, 4
+    assert (tmp_path / "fig" / "loss_curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

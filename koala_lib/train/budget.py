@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from koala_lib.model.presets import LlamaConfig
 
-from . import DoesNotFit  # noqa: F401 (raised by the loop)
+
 
 # Dense bf16 tensor-core peaks per device (vendor data sheets, without sparsity), by `device_kind` substring.
 GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0), ("V100", 125.0))

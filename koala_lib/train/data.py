@@ -81,7 +81,8 @@ class VariantData:
             folder = cfg.run_dir / "train" / name / "rows"
             stamp = {"sources": sorted(sources), "seed": cfg.seed, "seq_len": stats["seq_len"], "epochs": epochs,
                      "examples": stats["split"]}
-            if not (folder / "stamp.json").is_file() or json.loads((folder / "stamp.json").read_text()) != stamp:
+            fresh = (folder / "stamp.json").is_file() and json.loads((folder / "stamp.json").read_text()) == stamp
+            if not fresh and jax.process_index() == 0:  # one writer; the other processes wait below
                 tmp = folder.with_name("rows.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 pad = int(stats.get("pad_id", 0))
@@ -90,6 +91,10 @@ class VariantData:
                 _save(tmp / "eval", _repack(conditioned / "examples" / "eval", sources, stats["seq_len"], cfg.seed, 0, pad))
                 (tmp / "stamp.json").write_text(json.dumps(stamp) + "\n")
                 swap_in(tmp, folder)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"rows of {name}")
             train = [_load(folder / f"epoch_{e}") for e in range(epochs)]
             evals = _load(folder / "eval")
         if not len(train[0]["tokens"]):

@@ -50,8 +50,7 @@ def init_distributed(cfg: Config) -> None:
     d = cfg.train.distributed
     if not (d.coordinator or d.auto) or jax.distributed.is_initialized():
         return
-    if jax.default_backend() == "cpu" or d.coordinator and d.coordinator.startswith(("127.", "localhost")):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes (GPUs use NCCL)
     if d.auto:
         jax.distributed.initialize()
     else:
@@ -75,7 +74,7 @@ def tokenizer_vocab(cfg: Config) -> int:
 
 def build_model(cfg: Config, arch: LlamaConfig, folder: Path | None, mesh) -> Llama:
     """The base model with each parameter placed on its shards as it is read (or initialized)."""
-    abstract = nnx.split(abstract_model(arch, **model_kwargs(cfg.model)), nnx.Param, ...)[1].to_pure_dict()
+    abstract = nnx.to_pure_dict(nnx.split(abstract_model(arch, **model_kwargs(cfg.model)), nnx.Param, ...)[1])
     specs = {path_str(path): spec for path, spec in jax.tree_util.tree_flatten_with_path(
         match_rules(LLAMA_RULES, abstract), is_leaf=lambda x: isinstance(x, P))[0]}
     if folder is not None:
@@ -86,7 +85,7 @@ def build_model(cfg: Config, arch: LlamaConfig, folder: Path | None, mesh) -> Ll
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, NamedSharding(mesh, specs[path_str(path)]), lambda i: host[i])
 
-    return nnx.merge(graphdef, nnx.State(jax.tree_util.tree_map_with_path(place, params.to_pure_dict())), rest)
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(params)), rest)
 
 
 def memory_gb() -> float:
@@ -146,7 +145,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
 
     model = build_model(cfg, arch, folder, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     tx, schedule = make_optimizer(t, total, params)
     param_specs = match_rules(LLAMA_RULES, params)
     check_divisible(params, param_specs, mesh)
@@ -245,7 +244,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         manager.close()
     seconds = time.perf_counter() - began
     if t.export_hf:
-        export(cfg, nnx.merge(graphdef, nnx.State(state["params"]), rest), folder, out_dir / "hf")
+        export(cfg, nnx.merge(graphdef, state["params"], rest), folder, out_dir / "hf")
     summary = {"variant": name, "steps": total, "resumed_from": resumed, "first_loss": first_loss,
                "final_loss": last["loss"] if last else None, "final_eval_loss": None if eval_loss is None else round(float(eval_loss), 6),
                "seconds": round(seconds, 2), "compile_seconds": round(compile_s, 2),
@@ -263,7 +262,7 @@ def export(cfg: Config, model: Llama, base_folder: Path | None, out: Path) -> No
 
     if jax.process_count() > 1:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        model = nnx.merge(graphdef, nnx.State(multihost_utils.process_allgather(params.to_pure_dict(), tiled=True)), rest)
+        model = nnx.merge(graphdef, multihost_utils.process_allgather(nnx.to_pure_dict(params), tiled=True), rest)
     if jax.process_index() == 0:
         from koala_lib.conditioning.template import load_tokenizer
 

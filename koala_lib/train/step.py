@@ -40,7 +40,7 @@ def token_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Arra
 
 
 def _forward_sums(graphdef, rest, params, batch):
-    model = nnx.merge(graphdef, nnx.State(params), rest)
+    model = nnx.merge(graphdef, params, rest)
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, T, V]
     return token_sums(logits, batch)
 
