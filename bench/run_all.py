@@ -1,4 +1,4 @@
-"""Run every benchmark script in bench/ (each rewrites its section of RESULTS.md)."""
+"""Run every benchmark script in bench/ (each rewrites its section of RESULTS.md); train_gpu.py only with a GPU."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["curation.py", "conditioning.py", "model_forward.py"]
+SCRIPTS = ["curation.py", "conditioning.py", "model_forward.py", "train_step.py"]
 
 if __name__ == "__main__":
-    for script in SCRIPTS:
+    import jax
+
+    for script in SCRIPTS + (["train_gpu.py"] if jax.default_backend() == "gpu" else []):
         print(f"== bench/{script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -246,6 +246,14 @@ class Config:
         return resolve_path(self.figures_dir) if self.figures_dir else self.run_dir / "figures"
 
 
+def check_variants(cfg: "Config") -> None:
+    """Every variant stage 3 trains must draw only on sources of the data mixture (checked when training starts)."""
+    for variant in cfg.variants:
+        extra = set(mixture_sources(variant)) - set(cfg.data.source_names())
+        if extra:
+            raise ConfigError(f"train.variants: {variant!r} needs {', '.join(sorted(extra))}, not in data.mixture {cfg.data.mixture!r}; set train.variants too")
+
+
 def mixture_sources(mixture: str) -> tuple[str, ...]:
     """Expand a mixture preset or a comma-separated list into source names (canonical order)."""
     names: list[str] = []
@@ -317,10 +325,6 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
         _set_dotted(raw, key, value)
     cfg = build(Config, raw, "")
     cfg.data.source_names()  # validates the mixture
-    for variant in cfg.variants:
-        extra = set(mixture_sources(variant)) - set(cfg.data.source_names())
-        if extra:
-            raise ConfigError(f"train.variants: {variant!r} needs {', '.join(sorted(extra))}, not in data.mixture {cfg.data.mixture!r}; set train.variants too")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
     return cfg

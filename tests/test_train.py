@@ -287,3 +287,13 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(eight_devices,
     ref, got = _params(eight_devices), _params(runs)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], atol=2e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_at_a_tiny_size_on_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_gpu.py"), "--tiny", "--no-record"], env=_env(1),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0.1M-parameter LLaMA-architecture model, 1 x cpu" in proc.stdout
+    mfu = float(proc.stdout.split("**MFU ")[1].split("%")[0])
+    assert 0 < mfu < 100

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from koala_lib.config import Config
+from koala_lib.config import Config, check_variants
 from koala_lib.model.checkpoints import abstract_model, load_hf, model_kwargs, param_path, resolve_checkpoint, save_hf
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import LlamaConfig, from_hf_config, preset
@@ -124,6 +124,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     import orbax.checkpoint as ocp
 
     init_distributed(cfg)
+    check_variants(replace(cfg, train=replace(cfg.train, variants=(variant,))))
     t = cfg.train
     name = variant_name(variant)
     out_dir = cfg.run_dir / "train" / name

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from koala_lib.config import Config
+from koala_lib.config import Config, check_variants
 from koala_lib.plots import loss_curves, save
 
 from .data import variant_name
@@ -70,6 +70,7 @@ class TrainReport:
 
 def train_all(cfg: Config, variants: list[str] | None = None, progress: bool = True) -> TrainReport:
     """Fine-tune each variant in turn (each resumes if interrupted), then save the loss-curves figure."""
+    check_variants(cfg)
     report = TrainReport(cfg, tuple(variants or cfg.variants))
     for variant in report.variants:
         report.results.append(fit(cfg, variant, progress=progress))
