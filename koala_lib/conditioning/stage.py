@@ -164,7 +164,8 @@ def _write_examples(folder: Path, examples: list[Example]) -> tuple[np.ndarray, 
     return ids, mask, offsets
 
 
-def _write_rows(folder: Path, rows: dict[str, np.ndarray]) -> None:
+def write_rows(folder: Path, rows: dict[str, np.ndarray]) -> None:
+    """Packed arrays as `<name>.npy` files in `folder` (memory-mappable; `load_rows` reads them back)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, array in rows.items():
         np.save(folder / f"{name}.npy", array)
@@ -191,11 +192,11 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     rows_per_epoch = []
     for epoch in tqdm(range(c.epochs), desc="pack epochs", disable=not progress):
         plan = pack_plan(lengths, c.seq_len, cfg.seed, epoch)
-        _write_rows(tmp / "train" / f"epoch_{epoch}", materialize(plan, ids, mask, offsets, c.seq_len, pad_id))
+        write_rows(tmp / "train" / f"epoch_{epoch}", materialize(plan, ids, mask, offsets, c.seq_len, pad_id))
         rows_per_epoch.append(len(plan))
     e_ids, e_mask, e_offsets = _write_examples(tmp / "examples" / "eval", evals)
     eval_plan = pack_plan(np.diff(e_offsets), c.seq_len, cfg.seed, 0)
-    _write_rows(tmp / "eval", materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id))
+    write_rows(tmp / "eval", materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id))
 
     stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records))
     stats["pad_id"] = int(pad_id)

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from koala_lib.conditioning.packing import materialize, pack_plan
-from koala_lib.conditioning.stage import load_rows
+from koala_lib.conditioning.stage import load_rows, write_rows
 from koala_lib.config import Config, mixture_sources
 from koala_lib.files import swap_in
 
@@ -87,8 +87,8 @@ class VariantData:
                 shutil.rmtree(tmp, ignore_errors=True)
                 pad = int(stats.get("pad_id", 0))
                 for e in range(epochs):
-                    _save(tmp / f"epoch_{e}", _repack(conditioned / "examples" / "train", sources, stats["seq_len"], cfg.seed, e, pad))
-                _save(tmp / "eval", _repack(conditioned / "examples" / "eval", sources, stats["seq_len"], cfg.seed, 0, pad))
+                    write_rows(tmp / f"epoch_{e}", _repack(conditioned / "examples" / "train", sources, stats["seq_len"], cfg.seed, e, pad))
+                write_rows(tmp / "eval", _repack(conditioned / "examples" / "eval", sources, stats["seq_len"], cfg.seed, 0, pad))
                 (tmp / "stamp.json").write_text(json.dumps(stamp) + "\n")
                 swap_in(tmp, folder)
             if jax.process_count() > 1:
@@ -164,9 +164,3 @@ class VariantData:
             return jax.make_array_from_callback(shape, sharding, callback)
 
         return {name: read(name) for name in FIELDS}
-
-
-def _save(folder: Path, rows: dict[str, np.ndarray]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, array in rows.items():
-        np.save(folder / f"{name}.npy", array)
