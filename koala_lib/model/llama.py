@@ -8,6 +8,10 @@ only to earlier tokens of its own segment, so each packed example is computed as
 
 Parameters live in `param_dtype` (fp32 master weights); matmuls run in `dtype` (e.g. bf16 on GPU).
 Attention goes through `jax.nn.dot_product_attention` (`xla` on CPU, `cudnn` on GPU, or JAX's choice).
+
+Generation runs the same layers through `Llama.extend`, which writes keys and values into a KV cache
+(one [B, S, K, H] pair per layer, S cache slots) and attends over the slots marked valid, so a batch of
+left-padded prompts is decoded one slot at a time for every row at once.
 """
 
 from __future__ import annotations
@@ -83,14 +87,27 @@ class Attention(nnx.Module):
         self.v_proj = linear(d, self.n_kv * h)
         self.o_proj = linear(self.n_heads * h, d)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, _ = x.shape  # x [B, T, D]
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        b, t = q.shape[:2]  # q [B, T, N, H], k and v [B, S, K, H], mask [B, 1, T, S]
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, H]
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head))  # [B, T, D]
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.attend(*self.project(x, cos, sin), mask)
+
+    def cached(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array], index: jax.Array):
+        """Attention of T new tokens written at cache slots index..index+T-1; returns (out, updated kv)."""
+        q, k, v = self.project(x, cos, sin)
+        cache_k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))  # [B, S, K, H]
+        cache_v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        return self.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), (cache_k, cache_v)
 
 
 class MLP(nnx.Module):
@@ -114,6 +131,11 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached(self, x, cos, sin, mask, kv, index):
+        h, kv = self.self_attn.cached(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 # ----------------------------------------------------------------------------- the model
@@ -149,6 +171,7 @@ class Llama(nnx.Module):
     ):
         self.cfg = cfg
         self.remat = remat
+        self.dtype = jnp.dtype(dtype)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([Block(cfg, dtype, param_dtype, attention, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, rngs)
@@ -171,6 +194,38 @@ class Llama(nnx.Module):
                 x = block(x, cos, sin, mask)
             else:
                 x = nnx.remat(Block.__call__, policy=_POLICIES[self.remat])(block, x, cos, sin, mask)
+        return self.logits(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        b, t, _ = x.shape  # hidden states [B, T, D] -> logits [B, T, V] in fp32
         x = self.norm(x).reshape(b * t, -1)  # [B*T, D]: XLA's CPU dot is markedly faster on 2-D operands here
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # [B*T, V]
         return logits.reshape(b, t, -1).astype(jnp.float32)  # [B, T, V]
+
+    # ------------------------------------------------------------------------- generation with a KV cache
+
+    def init_cache(self, batch: int, slots: int, dtype=None) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """An empty KV cache: one (keys, values) pair [B, S, K, H] per layer, in the compute dtype."""
+        dtype = dtype or self.dtype
+        shape = (batch, slots, self.cfg.num_kv_heads, self.cfg.head_size)
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers)
+
+    def extend(self, tokens, positions, valid, cache, index, last_only: bool = False):
+        """Run tokens [B, T] at cache slots index..index+T-1 and return (logits, updated cache).
+
+        `valid` [B, S] marks the slots that hold real tokens (these T included): a query at slot i attends to
+        the valid slots j <= i, so left padding is never seen. `positions` [B, T] are the rotary positions
+        (a row's count of real tokens before each one). With `last_only`, logits [B, 1, V] of the last slot only.
+        """
+        b, t = tokens.shape
+        slots = valid.shape[1]
+        query_slot = index + jnp.arange(t)  # [T]
+        causal = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
+        mask = (valid[:, None, :] & causal[None])[:, None]  # [B, 1, T, S]
+        cos, sin = rotary(positions, self.inv_freq[...])  # [B, T, 1, H]
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        new_cache = []
+        for block, kv in zip(self.layers, cache):
+            x, kv = block.cached(x, cos, sin, mask, kv, index)
+            new_cache.append(kv)
+        return self.logits(x[:, -1:] if last_only else x), tuple(new_cache)

@@ -1,0 +1,267 @@
+"""Generation with a KV cache: jitted prefill and decode over bucketed shapes, sampling, stop strings, streaming.
+
+    gen = Generator(model, tokenizer)
+    [out] = gen.generate([prompt], Sampling(max_new_tokens=128))       # greedy by default
+    out.text, out.finish_reason                                         # "stop" (EOS or a stop string) | "length"
+
+A batch of prompts of different lengths is left-padded to a bucket of a few static sizes (powers of two for
+the batch, the prompt and the cache), so XLA compiles once per bucket, not per request. Prefill runs the
+prompts through `Llama.extend` in one call; each decode call then writes one token per row into the cache.
+The host reads the tokens one step behind the device (JAX dispatches the next step before the current one is
+read), decodes text, cuts stop strings, and reports each row's new text to `on_token` for streaming.
+
+Sampling follows transformers' order: temperature, then top-k, then top-p on what top-k kept. A row with
+temperature 0 is greedy. Each row draws from its own key, `fold_in(key(seed), step)`, so a request's sample
+does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from koala_lib.model.llama import Llama
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 256  # tokens to generate at most (fewer where the context ends first)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus: the smallest set of tokens holding this probability mass
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ("USER:",)  # generation ends where one of these appears; it is not returned
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": 0.0 <= self.temperature <= 100.0,
+            "top_p": 0.0 < self.top_p <= 1.0,
+            "top_k": self.top_k >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"sampling: {name}={getattr(self, name)!r} is out of range")
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+
+
+@dataclass
+class TokenEvent:
+    row: int  # index of the prompt in the call
+    delta: str  # text not reported before (held back while it could be the start of a stop string)
+    finish_reason: str | None = None  # set on the row's last event
+
+
+class PromptTooLong(ValueError):
+    """A prompt leaves no room in the model's context for even one new token."""
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= n (and >= minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- sampling (on device)
+
+
+def sample(logits, seeds, step, temperature, top_p, top_k):
+    """Next tokens [B] from logits [B, V]; per-row temperature [B], top_p [B], top_k [B] and seed [B]."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        vocab = logits.shape[-1]
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        ranked = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        ranked = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
+        kept = (before < top_p[:, None]) & jnp.isfinite(ranked)  # the first token is always kept
+        threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+        masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
+
+
+# ----------------------------------------------------------------------------- text on the host
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` to hold back: a possible start of a stop string, or a partial
+    UTF-8 character (the tokenizer decodes half a character as U+FFFD)."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    limit: int  # new tokens allowed
+    stops: tuple[str, ...]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters reported to the callback
+    finish: str | None = None
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+class Generator:
+    """Batched generation for one model; compiled functions are kept per bucket for the generator's lifetime."""
+
+    def __init__(self, model: Llama, tokenizer, *, max_batch: int = 16, min_prompt_bucket: int = 16):
+        self.tokenizer = tokenizer
+        self.context = model.cfg.max_position_embeddings
+        self.max_batch = max_batch
+        self.min_prompt_bucket = min_prompt_bucket
+        eos = {tokenizer.eos_token_id, model.cfg.eos_token_id}
+        self.eos_ids = {int(e) for e in eos if e is not None}
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0))
+        self.graphdef, self.state = nnx.split(model)
+        self._cache_dtype = model.dtype
+        self._num_kv, self._head, self._layers = model.cfg.num_kv_heads, model.cfg.head_size, model.cfg.num_layers
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4))
+        self.compiled: set[tuple[str, tuple[int, ...]]] = set()  # (function, shape bucket), for tests and benchmarks
+
+    # -- jitted pieces
+
+    def _prefill_fn(self, state, tokens, positions, valid, cache, seeds, temperature, top_p, top_k):
+        model = nnx.merge(self.graphdef, state)
+        logits, cache = model.extend(tokens, positions, valid, cache, 0, last_only=True)
+        return sample(logits[:, 0], seeds, 0, temperature, top_p, top_k), cache
+
+    def _decode_fn(self, state, token, lengths, valid, cache, index, step, seeds, temperature, top_p, top_k):
+        model = nnx.merge(self.graphdef, state)
+        valid = valid.at[:, index].set(True)
+        logits, cache = model.extend(token[:, None], lengths[:, None], valid, cache, index, last_only=True)
+        return sample(logits[:, 0], seeds, step, temperature, top_p, top_k), lengths + 1, valid, cache
+
+    def _empty_cache(self, batch: int, slots: int):
+        shape = (batch, slots, self._num_kv, self._head)
+        return tuple((jnp.zeros(shape, self._cache_dtype), jnp.zeros(shape, self._cache_dtype)) for _ in range(self._layers))
+
+    # -- the public call
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt text -> ids, with the BOS token where the tokenizer adds one (as in training)."""
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        if len(ids) == 0:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.context:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; the model's context is {self.context}, so at most {self.context - 1} fit")
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling: Sampling | Sequence[Sampling] = Sampling(),
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> list[Completion]:
+        """Completions for the prompts (text or token ids), in batches of at most `max_batch`."""
+        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        for i, row in enumerate(ids):
+            try:
+                self.check_prompt(row)
+            except ValueError as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from None
+        params = [sampling] * len(ids) if isinstance(sampling, Sampling) else list(sampling)
+        if len(params) != len(ids):
+            raise ValueError(f"{len(ids)} prompts but {len(params)} sampling settings")
+        out: list[Completion] = []
+        for start in range(0, len(ids), self.max_batch):
+            chunk = slice(start, start + self.max_batch)
+            shifted = None if on_token is None else (lambda ev, s=start: on_token(TokenEvent(ev.row + s, ev.delta, ev.finish_reason)))
+            out.extend(self._generate_batch(ids[chunk], params[chunk], shifted))
+        return out
+
+    def _generate_batch(self, ids: list[list[int]], params: list[Sampling], on_token) -> list[Completion]:
+        n = len(ids)
+        b = bucket(n)
+        t = bucket(max(len(r) for r in ids), self.min_prompt_bucket)
+        rows = [_Row(len(r), min(p.max_new_tokens, self.context - len(r)), p.stop) for r, p in zip(ids, params)]
+        slots = bucket(t + max(r.limit for r in rows))
+        tokens = np.full((b, t), self.pad_id, np.int32)
+        valid = np.zeros((b, slots), bool)
+        positions = np.zeros((b, t), np.int32)
+        for i, r in enumerate(ids):
+            pad = t - len(r)
+            tokens[i, pad:] = r
+            valid[i, pad:t] = True
+            positions[i, pad:] = np.arange(len(r))
+        for i in range(n, b):  # filler rows: one token, never read
+            tokens[i, -1] = self.pad_id
+            valid[i, t - 1] = True
+        lengths = np.array([len(r) for r in ids] + [1] * (b - n), np.int32)
+        fill = lambda attr, default, dtype: np.array([getattr(p, attr) for p in params] + [default] * (b - n), dtype)
+        seeds, temps = fill("seed", 0, np.uint32), fill("temperature", 0.0, np.float32)
+        top_p, top_k = fill("top_p", 1.0, np.float32), fill("top_k", 0, np.int32)
+        self.compiled.update({("prefill", (b, t, slots)), ("decode", (b, slots))})
+
+        token, cache = self._prefill(self.state, tokens, positions, valid, self._empty_cache(b, slots), seeds, temps, top_p, top_k)
+        lengths, valid = jnp.asarray(lengths), jnp.asarray(valid)
+        longest = max(r.limit for r in rows)
+        for step in range(1, longest + 1):
+            pending = None
+            if step < longest:  # dispatch the next step before reading this one
+                pending = self._decode(self.state, token, lengths, valid, cache, jnp.int32(t + step - 1), jnp.int32(step), seeds, temps, top_p, top_k)
+            host = np.asarray(token)
+            for i, row in enumerate(rows):
+                if row.finish is None:
+                    self._advance(i, row, int(host[i]), on_token)
+            if all(r.finish for r in rows) or pending is None:
+                break
+            token, lengths, valid, cache = pending
+        for i, row in enumerate(rows):
+            if row.finish is None:  # the loop always ends rows; kept for clarity
+                self._finish(i, row, "length", on_token)
+        return [Completion(r.text, r.tokens, r.finish or "length", r.prompt_len) for r in rows]
+
+    def _advance(self, i: int, row: _Row, token: int, on_token) -> None:
+        if token in self.eos_ids:
+            return self._finish(i, row, "stop", on_token)
+        row.tokens.append(token)
+        row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        for stop in row.stops:
+            cut = row.text.find(stop)
+            if cut >= 0:
+                row.text = row.text[:cut]
+                return self._finish(i, row, "stop", on_token)
+        if len(row.tokens) >= row.limit:
+            return self._finish(i, row, "length", on_token)
+        ready = len(row.text) - held_back(row.text, row.stops)
+        if on_token is not None and ready > row.sent:
+            on_token(TokenEvent(i, row.text[row.sent:ready]))
+            row.sent = ready
+
+    def _finish(self, i: int, row: _Row, reason: str, on_token) -> None:
+        row.text = row.text.rstrip("\ufffd")
+        row.finish = reason
+        if on_token is not None:
+            on_token(TokenEvent(i, row.text[row.sent:], reason))
+            row.sent = len(row.text)
