@@ -1,0 +1,183 @@
+"""Generation: KV-cache decoding equals recomputing the prefix, parity with transformers' generate, sampling,
+stop strings, streaming, and bucketed compilation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from koala_lib.generate import Generator, PromptTooLong, Sampling, bucket, held_back, sample
+from koala_lib.model.llama import Llama
+from koala_lib.model.presets import preset
+
+
+class CharTokenizer:
+    """A tiny tokenizer for the random debug model: id 0 is EOS, every other id a printable ASCII character."""
+
+    eos_token_id = 0
+    pad_token_id = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) - 31 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join(chr(32 + (i - 1) % 95) for i in ids if i > 0)
+
+
+@pytest.fixture(scope="module")
+def debug_model():
+    return Llama(preset("debug").replace(vocab_size=300, eos_token_id=0), rngs=nnx.Rngs(3))
+
+
+def greedy_by_recompute(model: Llama, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding the slow way: the whole prefix through the plain forward at every step (right-padded to
+    64 tokens, which causal attention never sees, so that it compiles once)."""
+    forward = nnx.jit(lambda m, tokens: m(tokens))
+    ids = list(prompt)
+    for _ in range(steps):
+        padded = np.ones((1, 64), np.int32)
+        padded[0, : len(ids)] = ids
+        logits = forward(model, jnp.asarray(padded))
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_logits_equal_the_plain_forward(debug_model):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 300, size=(2, 11)).astype(np.int32)
+    full = debug_model(jnp.asarray(ids))  # [2, 11, V]
+    cache = debug_model.init_cache(2, 16)
+    valid = np.zeros((2, 16), bool)
+    valid[:, :6] = True
+    pos = np.broadcast_to(np.arange(11), (2, 11)).astype(np.int32)
+    logits, cache = debug_model.extend(jnp.asarray(ids[:, :6]), jnp.asarray(pos[:, :6]), jnp.asarray(valid), cache, 0)
+    np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+    for i in range(6, 11):
+        valid[:, i] = True
+        step, cache = debug_model.extend(jnp.asarray(ids[:, i:i + 1]), jnp.asarray(pos[:, i:i + 1]), jnp.asarray(valid), cache, i)
+        np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
+
+
+def test_batched_left_padded_greedy_equals_recomputing_each_prompt_alone(debug_model):
+    gen = Generator(debug_model, CharTokenizer())
+    prompts = [[5, 9, 11], [7] * 20, list(range(1, 34))]  # three prompt lengths, two prompt buckets' worth
+    outs = gen.generate(prompts, Sampling(max_new_tokens=12, stop=()))
+    for prompt, out in zip(prompts, outs):
+        expected = greedy_by_recompute(debug_model, prompt, 12)
+        cut = expected.index(0) if 0 in expected else len(expected)  # EOS ends it
+        assert out.tokens == expected[:cut]
+        assert out.finish_reason == ("stop" if cut < 12 else "length")
+        assert out.prompt_tokens == len(prompt)
+
+
+def test_shapes_are_bucketed_so_compilation_is_shared(debug_model):
+    gen = Generator(debug_model, CharTokenizer())
+    gen.generate([[1] * 3, [2] * 9], Sampling(max_new_tokens=8, stop=()))
+    first = set(gen.compiled)
+    gen.generate([[3] * 12, [4] * 15], Sampling(max_new_tokens=5, stop=()))  # same batch, prompt and cache buckets
+    assert gen.compiled == first == {("prefill", (2, 16, 32)), ("decode", (2, 32))}
+    assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+
+
+def test_sampling_top_k_one_and_tiny_top_p_are_greedy():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 50)), jnp.float32)
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    ones = jnp.ones(4, jnp.float32)
+    seeds = jnp.arange(4, dtype=jnp.uint32)
+    by_k = sample(logits, seeds, 3, ones, ones, jnp.ones(4, jnp.int32))
+    by_p = sample(logits, seeds, 3, ones, jnp.full(4, 1e-6), jnp.zeros(4, jnp.int32))
+    np.testing.assert_array_equal(by_k, greedy)
+    np.testing.assert_array_equal(by_p, greedy)
+
+
+def test_sampling_draws_only_from_the_top_k_and_the_nucleus():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 400, jnp.float32))
+    seeds = jnp.arange(400, dtype=jnp.uint32)
+    ones = jnp.ones(400, jnp.float32)
+    top2 = np.asarray(sample(logits, seeds, 0, ones, ones, jnp.full(400, 2, jnp.int32)))
+    assert set(top2) == {0, 1}
+    nucleus = np.asarray(sample(logits, seeds, 0, ones, jnp.full(400, 0.7), jnp.zeros(400, jnp.int32)))
+    assert set(nucleus) == {0, 1}  # 0.5 + 0.3 reaches 0.7; the third token is outside the nucleus
+    free = np.asarray(sample(logits, seeds, 0, ones, ones, jnp.zeros(400, jnp.int32)))
+    assert set(free) == {0, 1, 2, 3}
+    assert 0.4 < np.mean(free == 0) < 0.6
+
+
+def test_sampling_is_reproducible_per_seed_and_independent_of_the_batch(debug_model):
+    gen = Generator(debug_model, CharTokenizer())
+    hot = Sampling(max_new_tokens=10, temperature=1.0, seed=7, stop=())
+    alone = gen.generate([[4, 5, 6]], hot)[0].tokens
+    again = gen.generate([[4, 5, 6]], hot)[0].tokens
+    batched = gen.generate([[9] * 5, [4, 5, 6]], [Sampling(max_new_tokens=10, stop=()), hot])[1].tokens
+    other_seed = gen.generate([[4, 5, 6]], Sampling(max_new_tokens=10, temperature=1.0, seed=8, stop=()))[0].tokens
+    assert alone == again == batched
+    assert alone != other_seed
+
+
+def test_held_back_keeps_a_possible_stop_prefix_and_half_characters():
+    assert held_back("Sure. US", ["USER:"]) == 2
+    assert held_back("Sure. USER", ["USER:"]) == 4
+    assert held_back("Sure.", ["USER:"]) == 0
+    assert held_back("caf\ufffd", []) == 1
+
+
+def test_streamed_deltas_add_up_to_the_text_and_stop_strings_are_cut(debug_model):
+    gen = Generator(debug_model, CharTokenizer())
+    free = gen.generate([[10, 20, 30]], Sampling(max_new_tokens=16, stop=()))[0]
+    assert len(free.text) >= 4
+    stop = free.text[2:4]  # a string the model is known to produce
+    events = []
+    out = gen.generate([[10, 20, 30], [1, 2]], Sampling(max_new_tokens=16, stop=(stop,)), on_token=events.append)
+    assert out[0].text == free.text[: free.text.find(stop)] and out[0].finish_reason == "stop"
+    for row in (0, 1):
+        mine = [e for e in events if e.row == row]
+        assert "".join(e.delta for e in mine) == out[row].text
+        assert [e.finish_reason for e in mine][-1] == out[row].finish_reason
+        assert all(e.finish_reason is None for e in mine[:-1])
+
+
+def test_prompt_longer_than_the_context_is_refused(debug_model):
+    gen = Generator(debug_model, CharTokenizer())
+    with pytest.raises(PromptTooLong, match="prompt 1: the prompt has 512 tokens; the model's context is 512"):
+        gen.generate([[1, 2], [1] * 512])
+    out = gen.generate([[1] * 508], Sampling(max_new_tokens=50, stop=()))[0]
+    assert len(out.tokens) <= 4 and (out.finish_reason == "length" or len(out.tokens) < 4)
+
+
+def test_sampling_settings_are_checked():
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        Sampling(top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        Sampling(max_new_tokens=0)
+
+
+@pytest.mark.slow
+def test_parity_greedy_generation_equals_transformers_generate_on_smollm2():
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from koala_lib.model.checkpoints import load_hf
+    from koala_lib.model.gguf_default import default_model_dir
+
+    folder = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    gen = Generator(load_hf(folder), tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    prompts = [
+        "BEGINNING OF CONVERSATION: USER: What is the capital of France? GPT:",
+        "BEGINNING OF CONVERSATION: USER: Write a haiku about the sea. GPT:",
+        "BEGINNING OF CONVERSATION: USER: Give me three tips for learning to play the guitar. GPT:",
+        "BEGINNING OF CONVERSATION: USER: Explain recursion to a child. GPT:",
+    ]
+    batched = gen.generate(prompts, Sampling(max_new_tokens=32, stop=()))
+    single = [gen.generate([p], Sampling(max_new_tokens=32, stop=()))[0] for p in prompts[:2]]
+    for prompt, out in zip(prompts, batched):
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ref = hf.generate(**enc, max_new_tokens=32, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+        ref = ref[: ref.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ref else ref
+        assert out.tokens == ref, prompt
+    assert [s.tokens for s in single] == [b.tokens for b in batched[:2]]
