@@ -8,7 +8,8 @@ A batch of prompts of different lengths is left-padded to a bucket of a few stat
 the batch, the prompt and the cache), so XLA compiles once per bucket, not per request. Prefill runs the
 prompts through `Llama.extend` in one call; each decode call then writes one token per row into the cache.
 The host reads the tokens one step behind the device (JAX dispatches the next step before the current one is
-read), decodes text, cuts stop strings, and reports each row's new text to `on_token` for streaming.
+read), decodes text, cuts stop strings, and reports each row's new text to `on_token` for streaming; a
+callback that returns True ends its row at once (finish reason "abort": a client left, a moderation check).
 
 Sampling follows transformers' order: temperature, then top-k, then top-p on what top-k kept. A row with
 temperature 0 is greedy. Each row draws from its own key, `fold_in(key(seed), step)`, so a request's sample
@@ -54,7 +55,7 @@ class Sampling:
 class Completion:
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "abort" (on_token returned True)
     prompt_tokens: int
 
 
@@ -63,6 +64,7 @@ class TokenEvent:
     row: int  # index of the prompt in the call
     delta: str  # text not reported before (held back while it could be the start of a stop string)
     finish_reason: str | None = None  # set on the row's last event
+    tokens: int = 0  # tokens the row has generated so far
 
 
 class PromptTooLong(ValueError):
@@ -181,7 +183,7 @@ class Generator:
         self,
         prompts: Sequence[str | Sequence[int]],
         sampling: Sampling | Sequence[Sampling] = Sampling(),
-        on_token: Callable[[TokenEvent], None] | None = None,
+        on_token: Callable[[TokenEvent], bool | None] | None = None,
     ) -> list[Completion]:
         """Completions for the prompts (text or token ids), in batches of at most `max_batch`."""
         ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
@@ -196,7 +198,7 @@ class Generator:
         out: list[Completion] = []
         for start in range(0, len(ids), self.max_batch):
             chunk = slice(start, start + self.max_batch)
-            shifted = None if on_token is None else (lambda ev, s=start: on_token(TokenEvent(ev.row + s, ev.delta, ev.finish_reason)))
+            shifted = None if on_token is None else (lambda ev, s=start: on_token(TokenEvent(ev.row + s, ev.delta, ev.finish_reason, ev.tokens)))
             out.extend(self._generate_batch(ids[chunk], params[chunk], shifted))
         return out
 
@@ -256,12 +258,15 @@ class Generator:
             return self._finish(i, row, "length", on_token)
         ready = len(row.text) - held_back(row.text, row.stops)
         if on_token is not None and ready > row.sent:
-            on_token(TokenEvent(i, row.text[row.sent:ready]))
+            abort = on_token(TokenEvent(i, row.text[row.sent:ready], None, len(row.tokens)))
             row.sent = ready
+            if abort:
+                row.text = row.text[:ready]
+                row.finish = "abort"
 
     def _finish(self, i: int, row: _Row, reason: str, on_token) -> None:
         row.text = row.text.rstrip("\ufffd")
         row.finish = reason
         if on_token is not None:
-            on_token(TokenEvent(i, row.text[row.sent:], reason))
+            on_token(TokenEvent(i, row.text[row.sent:], reason, len(row.tokens)))
             row.sent = len(row.text)

@@ -26,3 +26,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real upstream files not found at {SHARED_DATA} (they sit beside the checkout in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_generator():
+    """A Generator for the random `debug` model with the real SmolLM2 tokenizer (fast; the text is noise)."""
+    from flax import nnx
+
+    from koala_lib.conditioning.template import load_tokenizer
+    from koala_lib.generate import Generator
+    from koala_lib.model.llama import Llama
+    from koala_lib.model.presets import preset
+
+    tokenizer = load_tokenizer(config.load("smoke"))
+    model = Llama(preset("debug").replace(vocab_size=len(tokenizer)), rngs=nnx.Rngs(0))
+    return Generator(model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_generator):
+    """`koala serve`'s app on the tiny model, on a free loopback port: yields (base URL, app).
+
+    Model name `koala-debug`; no API key; moderation refuses the word `forbidden`."""
+    from koala_lib.conditioning.template import template_for
+    from koala_lib.serve import create_app, serving, word_list
+
+    template = template_for(config.load("smoke"), tiny_generator.tokenizer)
+    app = create_app(tiny_generator, template, model_name="koala-debug", moderation=word_list(["forbidden"]), max_queue=64)
+    with serving(app) as url:
+        yield url, app

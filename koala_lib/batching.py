@@ -1,0 +1,101 @@
+"""Server-side batching: one worker thread owns the model and decodes waiting requests together.
+
+    batcher = Batcher(generator, max_batch=16, max_queue=64)
+    job = batcher.submit(ids, Sampling(...), on_event)      # raises QueueFull when max_queue jobs wait
+    ...    # from the worker thread: on_event(TokenEvent) per piece of text, then on_event(None) when the
+    ...    # batch is over (job.result or job.error is set by then)
+    batcher.close()
+
+The worker takes the first waiting job, then every job that arrives within `window` seconds (up to
+`max_batch`), and runs them through one `Generator.generate` call: concurrent requests share each decode
+step. A job whose `cancelled` flag is set (its client went away) ends at its next token.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from koala_lib.generate import Completion, Generator, Sampling, TokenEvent
+
+
+class QueueFull(RuntimeError):
+    """More than `max_queue` requests are waiting."""
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    sampling: Sampling
+    on_event: Callable[[TokenEvent | None], bool | None]  # return True to end the job (e.g. a moderation hit)
+    cancelled: bool = False
+    result: Completion | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Batcher:
+    def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64, window: float = 0.01):
+        self.generator = generator
+        self.max_batch = max_batch
+        self.window = window
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.batches: list[int] = []  # sizes of the batches decoded, for tests and metrics
+        self._lock = threading.Lock()  # guards generate() when the worker and a direct caller share the model
+        self._thread = threading.Thread(target=self._run, name="koala-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, ids: list[int], sampling: Sampling, on_event: Callable[[TokenEvent | None], bool | None]) -> Job:
+        self.generator.check_prompt(ids)  # PromptTooLong before queueing
+        job = Job(ids, sampling, on_event)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.jobs.maxsize} requests are already waiting; try again shortly") from None
+        return job
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _take(self) -> list[Job] | None:
+        first = self.jobs.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.window
+        while len(batch) < self.max_batch:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)  # close after this batch
+                break
+            batch.append(job)
+        return [j for j in batch if not j.cancelled]
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            if not batch:
+                continue
+            self.batches.append(len(batch))
+
+            def route(event: TokenEvent) -> bool:
+                job = batch[event.row]
+                return bool(job.on_event(event)) or job.cancelled
+
+            try:
+                with self._lock:
+                    results = self.generator.generate([j.ids for j in batch], [j.sampling for j in batch], on_token=route)
+                for job, result in zip(batch, results):
+                    job.result = result
+            except BaseException as exc:  # reported to every waiting client; the worker keeps serving
+                for job in batch:
+                    job.error = exc
+            for job in batch:
+                job.done.set()
+                job.on_event(None)

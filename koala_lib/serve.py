@@ -1,0 +1,308 @@
+"""`koala serve`: an OpenAI-compatible HTTP server for one model, with a chat page at `/`.
+
+    app = create_app(generator, template, model_name="koala-all")    # a FastAPI app
+    with serving(app) as url:                                         # uvicorn on 127.0.0.1, a free port
+        OpenAI(base_url=f"{url}/v1", api_key="-").chat.completions.create(model="koala-all", messages=[...])
+
+Routes: `POST /v1/chat/completions` (messages rendered with the Koala template, the positive marker last),
+`POST /v1/completions` (a raw prompt), `GET /v1/models`, `GET /health`, and the chat page `GET /`.
+`stream: true` answers with server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
+
+Errors are OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for malformed JSON,
+wrong types, a prompt longer than the context or a flagged request; 401 for a missing or wrong API key
+(when one is set); 404 for an unknown model; 429 when the request queue is full. The server keeps serving.
+
+Moderation: `moderation(text)` returns a reason to refuse, or None. It checks the request's text before
+anything is queued (400, code `content_filter`) and the answer as it grows (the answer ends there, with
+finish reason `content_filter`), as the original Koala demo filtered through a moderation API. The default
+is a case-insensitive word list from `generate.moderation_words`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from importlib import resources
+from typing import Callable, Iterator, Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from koala_lib.batching import Batcher, Job, QueueFull
+from koala_lib.conditioning.template import Template
+from koala_lib.data.schema import Turn
+from koala_lib.generate import Generator, PromptTooLong, Sampling, TokenEvent
+
+Moderation = Callable[[str], Union[str, None]]
+
+
+def word_list(words: tuple[str, ...] | list[str]) -> Moderation:
+    """A moderation check that flags any of `words` as a whole word, ignoring case."""
+    patterns = [(w, re.compile(rf"(?<!\w){re.escape(w)}(?!\w)", re.IGNORECASE)) for w in words if w.strip()]
+
+    def check(text: str) -> str | None:
+        hit = next((w for w, p in patterns if p.search(text)), None)
+        return None if hit is None else f"it contains the blocked word {hit!r}"
+
+    return check
+
+
+# ----------------------------------------------------------------------------- request bodies (OpenAI's fields)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # strict: "max_tokens": "7" is a 400, not 7
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    seed: int | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionBody(_Body):
+    prompt: str = Field(min_length=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def conversation(messages: list[Message]) -> tuple[list[Turn], str]:
+    """(history, query) from chat messages: system text opens the first user turn; turns must alternate."""
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    turns = [m for m in messages if m.role != "system"]
+    if not turns or turns[-1].role != "user":
+        raise ApiError(400, "the last message must come from the user", param="messages")
+    for i, m in enumerate(turns):
+        if m.role != ("user" if i % 2 == 0 else "assistant"):
+            raise ApiError(400, f"messages must alternate user and assistant; message {i} is {m.role!r}", param="messages")
+    texts = [m.content for m in turns]
+    if system:
+        texts[0] = f"{system}\n\n{texts[0]}"
+    history = [Turn("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts[:-1])]
+    return history, texts[-1]
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(
+    generator: Generator,
+    template: Template,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    moderation: Moderation | None = None,
+    max_queue: int = 64,
+    default_max_tokens: int = 256,
+    max_batch: int | None = None,
+) -> FastAPI:
+    """The server's app; its batcher starts now and stops when the app shuts down."""
+    batcher = Batcher(generator, max_batch=max_batch or generator.max_batch, max_queue=max_queue)
+    check = moderation or (lambda text: None)
+    stops = (template.cfg.user_marker,)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="koala-kit", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return ApiError(400, "the body is not valid JSON").response()
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
+        return ApiError(400, message, param=where or None).response()
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
+            return ApiError(401, "missing or wrong API key (send `Authorization: Bearer <key>`)", type_="authentication_error").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "waiting": batcher.jobs.qsize()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "koala-kit"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return (resources.files("koala_lib") / "static" / "chat.html").read_text(encoding="utf-8")
+
+    def prepare(body: _Body, text: str, said: str, extra_stops: tuple[str, ...]) -> tuple[list[int], Sampling]:
+        """Token ids and sampling settings of a request; `said` is what the client wrote (moderated)."""
+        if body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server has {model_name!r}", code="model_not_found", param="model")
+        reason = check(said)
+        if reason:
+            raise ApiError(400, f"the request was refused by the moderation check: {reason}", code="content_filter")
+        ids = generator.encode(text)
+        try:
+            generator.check_prompt(ids)
+        except PromptTooLong as exc:
+            raise ApiError(400, str(exc), code="context_length_exceeded", param="messages") from None
+        requested = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        sampling = Sampling(
+            max_new_tokens=body.max_tokens or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
+            stop=tuple(dict.fromkeys([*extra_stops, *requested])), seed=body.seed if body.seed is not None else int(time.time_ns() % 2**31),
+        )
+        return ids, sampling
+
+    async def run(ids: list[int], sampling: Sampling):
+        """Queue a job and yield (text delta, finish reason or None, tokens so far) as the worker produces them."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        answer = []
+
+        def on_event(event: TokenEvent | None) -> bool:
+            if event is None:
+                loop.call_soon_threadsafe(events.put_nowait, None)
+                return False
+            flagged = check("".join(answer) + event.delta)
+            if flagged:
+                loop.call_soon_threadsafe(events.put_nowait, ("", "content_filter", event.tokens))
+                return True
+            answer.append(event.delta)
+            loop.call_soon_threadsafe(events.put_nowait, (event.delta, event.finish_reason, event.tokens))
+            return False
+
+        try:
+            job: Job = batcher.submit(ids, sampling, on_event)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), code="rate_limit_exceeded", type_="rate_limit_error") from None
+        try:
+            while True:
+                item = await events.get()
+                if item is None:  # the batch ended without a final event for this job: an error
+                    raise ApiError(500, f"generation failed: {job.error!r}", type_="server_error")
+                yield item
+                if item[1] is not None:
+                    return
+        finally:
+            job.cancelled = True  # a client that left, or a finished job: either way nothing more is wanted
+
+    async def respond(body: _Body, ids: list[int], sampling: Sampling, chat: bool):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model_name}
+        stream = run(ids, sampling)
+        first = await stream.__anext__()  # errors (429, ...) surface before any byte is sent
+        if not body.stream:
+            parts, finish, used = [first[0]], first[1], first[2]
+            if finish is None:
+                async for delta, finish, used in stream:
+                    parts.append(delta)
+            text = "".join(parts)
+            choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            usage = {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}
+            return JSONResponse({**head, "choices": [choice], "usage": usage})
+
+        def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                piece = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+                choice = {"index": 0, "delta": piece, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk' if chat else 'text_completion', 'choices': [choice]})}\n\n"
+
+        async def events():
+            if chat:
+                yield chunk(None, None, role=True)
+            item = first
+            while True:
+                delta, finish, _ = item
+                if delta:
+                    yield chunk(delta, None)
+                if finish is not None:
+                    yield chunk(None, finish)
+                    break
+                item = await stream.__anext__()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        history, query = conversation(body.messages)
+        said = "\n".join(m.content for m in body.messages)
+        ids, sampling = prepare(body, template.prompt(history, query), said, stops)
+        return await respond(body, ids, sampling, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        ids, sampling = prepare(body, body.prompt, body.prompt, ())
+        return await respond(body, ids, sampling, chat=False)
+
+    return app
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def free_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread; yields its base URL and stops it on exit."""
+    import uvicorn
+
+    sock = free_socket(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server stopped while starting")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
