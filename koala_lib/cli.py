@@ -3,6 +3,8 @@
     koala config show --profile demo --set data.mixture=koala_distill
     koala curate --profile smoke --sources sharegpt,hh
     koala train --profile smoke --variant koala_distill
+    koala generate --profile demo
+    koala serve --profile demo --model koala_all --port 8000
     koala pipeline --profile demo --stages 01
     koala weights fetch-default
 """
@@ -64,6 +66,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variant.split(";")] if args.variant else None
     report = train_all(cfg, variants, progress=not args.quiet)
     print(report.table().to_string())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from koala_lib.answers import answer_all
+
+    cfg = load(args.profile, _overrides(args))
+    models = [m.strip() for m in args.model.split(",")] if args.model else None
+    result = answer_all(cfg, models, progress=not args.quiet)
+    print(result.table().to_string())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from koala_lib.serve import app_for_profile, run_server
+
+    cfg = load(args.profile, _overrides(args))
+    key = args.api_key or os.environ.get("KOALA_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"koala serve: warning: listening on {args.host} without an API key (set --api-key or KOALA_API_KEY)", file=sys.stderr)
+    run_server(app_for_profile(cfg, args.model, args.checkpoint, key), args.host, args.port)
     return 0
 
 
@@ -153,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="only this variant (a mixture, e.g. koala_distill); default: train.variants")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="stage 4: each model answers the test sets -> runs/<P>/generations/<model>.json")
+    _common(p)
+    p.add_argument("--model", default=None, help="only these models, comma-separated (base, a variant, an extra name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with a chat page at / for one model")
+    _common(p)
+    p.add_argument("--model", default=None, help="base, a variant or an extra name (default: the first trained variant, else base)")
+    p.add_argument("--checkpoint", default=None, help="serve this Hugging Face folder (or `default`) instead of a profile model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set KOALA_API_KEY)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pipeline", help="run the stage notebooks with papermill")
     _common(p)

@@ -19,6 +19,7 @@ STAGES = [
     ("01", "01_data_curation.ipynb"),
     ("02", "02_marker_conditioning.ipynb"),
     ("03", "03_finetune.ipynb"),
+    ("04", "04_inference.ipynb"),
 ]
 
 

@@ -127,3 +127,30 @@ def loss_curves(runs: dict[str, tuple[list[dict], list[dict]]]) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     return fig
+
+
+def example_answers(examples: list[dict], width: int = 95, max_chars: int = 360) -> Figure:
+    """Prompts with each model's answer side by side in text: [{test_set, instruction, answers{model: text}}]."""
+    import textwrap
+
+    def block(text: str, indent: str = "") -> list[str]:
+        text = " ".join(text.split())
+        text = text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"
+        return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent) or [indent + "(empty)"]
+
+    colors = ("#555555", "#2f6db3", "#c0392b", "#27ae60", "#8e44ad", "#d68910")
+    lines: list[tuple[str, str, str]] = []  # (text, colour, weight)
+    for ex in examples:
+        lines += [(t, "black", "bold") for t in block(f"[{ex['test_set']}] {ex['instruction']}")]
+        for (model, answer), color in zip(ex["answers"].items(), colors):
+            lines.append((f"{model}:", color, "bold"))
+            lines += [(t, color, "normal") for t in block(answer, "    ")]
+        lines.append(("", "black", "normal"))
+    fig = Figure(figsize=(10, 0.19 * len(lines) + 0.8), layout="constrained")
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.set_title("Example answers: the base model and the fine-tuned ones (first prompts of each test set)", fontsize=10, loc="left")
+    for i, (text, color, weight) in enumerate(lines):
+        ax.text(0.0, 1.0 - (i + 0.5) / len(lines), text, color=color, fontweight=weight, fontsize=8.5, family="monospace",
+                va="center", ha="left", transform=ax.transAxes)
+    return fig

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import re
 import socket
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from koala_lib.batching import Batcher, Job, QueueFull
 from koala_lib.conditioning.template import Template
+from koala_lib.config import ConfigError
 from koala_lib.data.schema import Turn
 from koala_lib.generate import Generator, PromptTooLong, Sampling, TokenEvent
 
@@ -153,7 +155,8 @@ def create_app(
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "")
+        if api_key and request.url.path.startswith("/v1/") and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             return ApiError(401, "missing or wrong API key (send `Authorization: Bearer <key>`)", type_="authentication_error").response()
         return await call_next(request)
 
@@ -192,18 +195,19 @@ def create_app(
         """Queue a job and yield (text delta, finish reason or None, tokens so far) as the worker produces them."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        answer = []
+        text = {"sent": "", "held": ""}  # text passed to the client, and a trailing partial word held back
 
         def on_event(event: TokenEvent | None) -> bool:
             if event is None:
                 loop.call_soon_threadsafe(events.put_nowait, None)
                 return False
-            flagged = check("".join(answer) + event.delta)
-            if flagged:
+            whole = text["sent"] + text["held"] + event.delta
+            if check(whole):  # the flagged word never reaches the client: only whole words are passed on
                 loop.call_soon_threadsafe(events.put_nowait, ("", "content_filter", event.tokens))
                 return True
-            answer.append(event.delta)
-            loop.call_soon_threadsafe(events.put_nowait, (event.delta, event.finish_reason, event.tokens))
+            cut = len(whole) if event.finish_reason else max(whole.rfind(" "), whole.rfind("\n"), len(text["sent"]) - 1) + 1
+            delta, text["sent"], text["held"] = whole[len(text["sent"]):cut], whole[:cut], whole[cut:]
+            loop.call_soon_threadsafe(events.put_nowait, (delta, event.finish_reason, event.tokens))
             return False
 
         try:
@@ -247,17 +251,22 @@ def create_app(
             return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk' if chat else 'text_completion', 'choices': [choice]})}\n\n"
 
         async def events():
-            if chat:
-                yield chunk(None, None, role=True)
-            item = first
-            while True:
-                delta, finish, _ = item
-                if delta:
-                    yield chunk(delta, None)
-                if finish is not None:
-                    yield chunk(None, finish)
-                    break
-                item = await stream.__anext__()
+            try:
+                if chat:
+                    yield chunk(None, None, role=True)
+                item = first
+                while True:
+                    delta, finish, _ = item
+                    if delta:
+                        yield chunk(delta, None)
+                    if finish is not None:
+                        yield chunk(None, finish)
+                        break
+                    item = await stream.__anext__()
+            except ApiError as exc:  # after the headers: the error goes into the stream, as OpenAI's API does
+                yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.type, 'code': exc.code}})}\n\n"
+            finally:
+                await stream.aclose()  # ends the job now if the client went away
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -306,3 +315,36 @@ def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def app_for_profile(cfg, model: str | None = None, checkpoint: str | None = None, api_key: str | None = None) -> FastAPI:
+    """The app for one of the profile's models (`base`, a variant, a `generate.extra` name; default: the first
+    variant stage 3 has exported, else base), or for any Hugging Face folder / `default` given as `checkpoint`."""
+    from koala_lib.answers import Answerer, answerers, load_generator
+    from koala_lib.conditioning.template import template_for
+    from koala_lib.model.checkpoints import resolve_checkpoint
+    from koala_lib.train.data import variant_name
+
+    if checkpoint:
+        folder = resolve_checkpoint(checkpoint)
+        who = Answerer(model or folder.name, "checkpoint", folder)
+    else:
+        if model is None:
+            trained = [v for v in cfg.variants if (cfg.run_dir / "train" / variant_name(v) / "hf" / "config.json").is_file()]
+            model = trained[0] if trained else "base"
+        who = answerers(cfg, [model])[0]
+        if who.kind == "outputs":
+            raise ConfigError(f"--model: {model!r} is a file of answers, not a model that can be served")
+    gen = load_generator(cfg, who)
+    words = cfg.generate.moderation_words
+    return create_app(gen, template_for(cfg, gen.tokenizer), model_name=who.name, api_key=api_key,
+                      moderation=word_list(words) if words else None, max_queue=cfg.generate.max_queue,
+                      default_max_tokens=cfg.generate.max_new_tokens)
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    print(f"serving {app.title} on http://{host}:{port}/ (chat page), OpenAI API at http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -3,7 +3,6 @@ stop strings, streaming, and bucketed compilation."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from koala_lib.pipeline import StageFailed, run_pipeline
 @pytest.mark.slow
 def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     runs = run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], progress=False)
-    assert [r.stage for r in runs] == ["01", "02", "03"]
+    assert [r.stage for r in runs] == ["01", "02", "03", "04"]
     assert runs[0].notebook == tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
     metrics = json.loads((tmp_path / "smoke" / "data" / "metrics.json").read_text())
     report = json.loads((tmp_path / "smoke" / "data" / "report.json").read_text())
@@ -45,6 +45,16 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
         assert m["steps"] == 4 and m["last_loss"] < m["first_loss"]
         assert len(m["eval_losses"]) == 3 and m["eval_losses"][-1] < m["eval_losses"][0]  # steps 0, 2, 4
     assert (tmp_path / "fig" / "loss_curves.png").stat().st_size > 10_000
+    # stage 4: one AlpacaEval file per model, each answering the 4 + 4 smoke prompts
+    generated = json.loads((tmp_path / "smoke" / "generate" / "metrics.json").read_text())
+    assert sorted(generated["models"]) == ["base", "koala_all", "koala_distill"]
+    assert generated["test_sets"]["koala"]["prompts"] == generated["test_sets"]["alpaca"]["prompts"] == 4
+    for name in generated["models"]:
+        rows = json.loads((tmp_path / "smoke" / "generations" / f"{name}.json").read_text())
+        assert len(rows) == 8 and {r["generator"] for r in rows} == {name}
+        assert [r["dataset"] for r in rows] == ["koala"] * 4 + ["selfinstruct"] * 4
+        assert all(set(r) >= {"instruction", "output", "generator", "dataset"} for r in rows)
+    assert (tmp_path / "fig" / "example_generations.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

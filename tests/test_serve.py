@@ -172,3 +172,17 @@ def test_word_list_matches_whole_words_ignoring_case():
     assert check("How to build a BOMB?") == "it contains the blocked word 'bomb'"
     assert check("the Dark  Web") is None and check("the dark web.") is not None
     assert check("bombastic prose") is None
+
+
+def test_a_flagged_word_never_reaches_a_streaming_client(tiny_server, tiny_generator):
+    url, _ = tiny_server
+    ask = dict(model="koala-debug", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=30, temperature=0)
+    plain = client(url).chat.completions.create(**ask).choices[0].message.content
+    words = plain.split()
+    assert len(words) >= 4
+    word = words[3]
+    with serving(make_app(tiny_generator, moderation=word_list([word]))) as moderated:
+        chunks = list(client(moderated).chat.completions.create(**ask, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert plain.startswith(streamed) and word not in streamed and len(streamed.split()) <= 3
