@@ -164,7 +164,7 @@ class Generator:
         return sample(logits[:, 0], seeds, step, temperature, top_p, top_k), lengths + 1, valid, cache
 
     def _empty_cache(self, batch: int, slots: int):
-        shape = (batch, slots, self._num_kv, self._head)
+        shape = (batch, self._num_kv, slots, self._head)
         return tuple((jnp.zeros(shape, self._cache_dtype), jnp.zeros(shape, self._cache_dtype)) for _ in range(self._layers))
 
     # -- the public call

@@ -10,7 +10,7 @@ Parameters live in `param_dtype` (fp32 master weights); matmuls run in `dtype` (
 Attention goes through `jax.nn.dot_product_attention` (`xla` on CPU, `cudnn` on GPU, or JAX's choice).
 
 Generation runs the same layers through `Llama.extend`, which writes keys and values into a KV cache
-(one [B, S, K, H] pair per layer, S cache slots) and attends over the slots marked valid, so a batch of
+(one [B, K, S, H] pair per layer, S cache slots) and attends over the slots marked valid, so a batch of
 left-padded prompts is decoded one slot at a time for every row at once.
 """
 
@@ -103,11 +103,37 @@ class Attention(nnx.Module):
         return self.attend(*self.project(x, cos, sin), mask)
 
     def cached(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array], index: jax.Array):
-        """Attention of T new tokens written at cache slots index..index+T-1; returns (out, updated kv)."""
-        q, k, v = self.project(x, cos, sin)
-        cache_k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))  # [B, S, K, H]
-        cache_v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-        return self.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), (cache_k, cache_v)
+        """Attention of T new tokens written at cache slots index..index+T-1; returns (out, updated kv).
+
+        The cache is laid out [B, K, S, H]: one query token (decoding) then reads each head's keys contiguously.
+        """
+        b, t = x.shape[:2]
+        q, k, v = self.project(x, cos, sin)  # [B, T, N, H], [B, T, K, H]
+        slot = (0, 0, index, 0)
+        cache_k = jax.lax.dynamic_update_slice(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype), slot)  # [B, K, S, H]
+        cache_v = jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), slot)
+        if t == 1:
+            out = one_query_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)  # [B, 1, N, H]
+            out = self.o_proj(out.reshape(b, t, self.n_heads * self.head))
+        else:
+            out = self.attend(q, cache_k.swapaxes(1, 2).astype(q.dtype), cache_v.swapaxes(1, 2).astype(q.dtype), mask)
+        return out, (cache_k, cache_v)
+
+
+def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention for one query token per row: q [B, 1, N, H], k and v [B, K, S, H], mask [B, 1, 1, S] -> [B, 1, N, H].
+
+    Written as broadcast products and sums rather than batched matmuls: with a single query, XLA's CPU dot
+    handles these many tiny products slowly, while the elementwise form streams the cache once.
+    """
+    b, _, n, h = q.shape
+    groups = n // k.shape[1]
+    qg = q.reshape(b, k.shape[1], groups, 1, h).astype(jnp.float32)  # [B, K, G, 1, H]
+    scores = (qg * k[:, :, None].astype(jnp.float32)).sum(-1) / math.sqrt(h)  # [B, K, G, S]
+    scores = jnp.where(mask[:, :, 0][:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = (probs[..., None] * v[:, :, None].astype(jnp.float32)).sum(-2)  # [B, K, G, H]
+    return out.reshape(b, 1, n, h).astype(q.dtype)
 
 
 class MLP(nnx.Module):
@@ -205,9 +231,9 @@ class Llama(nnx.Module):
     # ------------------------------------------------------------------------- generation with a KV cache
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> tuple[tuple[jax.Array, jax.Array], ...]:
-        """An empty KV cache: one (keys, values) pair [B, S, K, H] per layer, in the compute dtype."""
+        """An empty KV cache: one (keys, values) pair [B, K, S, H] per layer, in the compute dtype."""
         dtype = dtype or self.dtype
-        shape = (batch, slots, self.cfg.num_kv_heads, self.cfg.head_size)
+        shape = (batch, self.cfg.num_kv_heads, slots, self.cfg.head_size)
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers)
 
     def extend(self, tokens, positions, valid, cache, index, last_only: bool = False):
