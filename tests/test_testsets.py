@@ -25,8 +25,15 @@ def test_names():
     assert TEST_SETS == ("koala", "alpaca")
 
 
+def cfg_of(make_cfg, *overrides: str):
+    """The smoke profile without its `limit` on the test sets (unless the overrides set one)."""
+    keys = {o.split("=")[0] for o in overrides}
+    unlimited = [f"eval.test_sets.{n}.limit=null" for n in ("koala", "alpaca") if f"eval.test_sets.{n}.limit" not in keys]
+    return make_cfg("smoke", *unlimited, *overrides)
+
+
 def test_demo_koala_set(make_cfg):
-    result = load_test_set(make_cfg("smoke"), "koala")
+    result = load_test_set(cfg_of(make_cfg), "koala")
     assert len(result.prompts) == 12 and result.rows == 13
     assert result.rejected == Counter({"not_json": 1})
     assert result.problems[0].startswith("koala_test_set.jsonl:13: not_json: invalid JSON")
@@ -36,7 +43,7 @@ def test_demo_koala_set(make_cfg):
 
 
 def test_demo_alpaca_set_joins_instruction_and_input(make_cfg):
-    result = load_test_set(make_cfg("smoke"), "alpaca")
+    result = load_test_set(cfg_of(make_cfg), "alpaca")
     assert len(result.prompts) == 12 and result.rows == 13  # the default subset of 180 is larger: all are kept
     assert result.rejected == Counter({"missing_field": 1})
     assert result.problems == ["user_oriented_instructions.jsonl:13: missing_field: instruction: absent"]
@@ -51,7 +58,7 @@ def test_demo_alpaca_set_joins_instruction_and_input(make_cfg):
 
 def test_natural_order(make_cfg, tmp_path):
     path = write_koala(tmp_path / "t.jsonl", ["koala_10", "koala_2", "koala_1", "koala_0"])
-    result = load_test_set(make_cfg("smoke", f"eval.test_sets.koala.path={path}"), "koala")
+    result = load_test_set(cfg_of(make_cfg, f"eval.test_sets.koala.path={path}"), "koala")
     assert [p.id for p in result.prompts] == ["koala_0", "koala_1", "koala_2", "koala_10"]
     assert sorted(["b_2", "a_10", "a_9"], key=natural_key) == ["a_9", "a_10", "b_2"]
 
@@ -61,7 +68,7 @@ def test_subset_is_seeded_reproducible_and_sorted(make_cfg, tmp_path):
     path = write_koala(tmp_path / "t.jsonl", reversed(ids))  # file order must not matter
 
     def subset(seed: int) -> list[str]:
-        cfg = make_cfg("smoke", f"eval.test_sets.koala.path={path}", "eval.test_sets.koala.subset=10", f"seed={seed}")
+        cfg = cfg_of(make_cfg, f"eval.test_sets.koala.path={path}", "eval.test_sets.koala.subset=10", f"seed={seed}")
         return [p.id for p in load_test_set(cfg, "koala").prompts]
 
     first = subset(0)
@@ -72,11 +79,11 @@ def test_subset_is_seeded_reproducible_and_sorted(make_cfg, tmp_path):
 
 
 def test_limit_applies_after_subset(make_cfg, tmp_path):
-    assert [p.id for p in load_test_set(make_cfg("smoke", "eval.test_sets.koala.limit=3"), "koala").prompts] == ["koala_0", "koala_1", "koala_2"]
+    assert [p.id for p in load_test_set(cfg_of(make_cfg, "eval.test_sets.koala.limit=3"), "koala").prompts] == ["koala_0", "koala_1", "koala_2"]
     path = write_koala(tmp_path / "t.jsonl", [f"koala_{i}" for i in range(30)])
     overrides = [f"eval.test_sets.koala.path={path}", "eval.test_sets.koala.subset=10"]
-    subset = [p.id for p in load_test_set(make_cfg("smoke", *overrides), "koala").prompts]
-    limited = load_test_set(make_cfg("smoke", *overrides, "eval.test_sets.koala.limit=4"), "koala")
+    subset = [p.id for p in load_test_set(cfg_of(make_cfg, *overrides), "koala").prompts]
+    limited = load_test_set(cfg_of(make_cfg, *overrides, "eval.test_sets.koala.limit=4"), "koala")
     assert [p.id for p in limited.prompts] == subset[:4]
     assert limited.rows == 30  # rows read, before selection
 
@@ -84,24 +91,24 @@ def test_limit_applies_after_subset(make_cfg, tmp_path):
 @pytest.mark.parametrize("option", ["subset", "limit"])
 def test_subset_and_limit_must_be_positive(make_cfg, option):
     with pytest.raises(ConfigError, match=rf"eval\.test_sets\.koala\.{option}: must be at least 1"):
-        load_test_set(make_cfg("smoke", f"eval.test_sets.koala.{option}=0"), "koala")
+        load_test_set(cfg_of(make_cfg, f"eval.test_sets.koala.{option}=0"), "koala")
 
 
 def test_missing_file_is_named(make_cfg, tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ConfigError, match=r"eval\.test_sets\.alpaca\.path: no such file .*nope\.jsonl"):
-        load_test_set(make_cfg("smoke", f"eval.test_sets.alpaca.path={missing}"), "alpaca")
+        load_test_set(cfg_of(make_cfg, f"eval.test_sets.alpaca.path={missing}"), "alpaca")
 
 
 def test_folder_path_finds_the_upstream_file_name(make_cfg, tmp_path):
     write_koala(tmp_path / "koala_test_set.jsonl", ["koala_0", "koala_1"])
-    result = load_test_set(make_cfg("smoke", f"eval.test_sets.koala.path={tmp_path}"), "koala")
+    result = load_test_set(cfg_of(make_cfg, f"eval.test_sets.koala.path={tmp_path}"), "koala")
     assert len(result.prompts) == 2 and result.source == str(tmp_path / "koala_test_set.jsonl")
 
 
 def test_unknown_name(make_cfg):
     with pytest.raises(ConfigError, match=r"unknown test set 'vicuna' \(allowed: koala, alpaca\)"):
-        load_test_set(make_cfg("smoke"), "vicuna")
+        load_test_set(cfg_of(make_cfg), "vicuna")
 
 
 def test_bad_rows_are_counted_by_reason(make_cfg, tmp_path):
@@ -118,7 +125,7 @@ def test_bad_rows_are_counted_by_reason(make_cfg, tmp_path):
         b'{"id": "koala_6", "prompt": "caf\xe9"}\n'  # not_json (not UTF-8)
         b"koala_7 plain text\n"  # not_json
     )
-    result = load_test_set(make_cfg("smoke", f"eval.test_sets.koala.path={path}"), "koala")
+    result = load_test_set(cfg_of(make_cfg, f"eval.test_sets.koala.path={path}"), "koala")
     assert [(p.id, p.instruction) for p in result.prompts] == [("koala_0", "First."), ("koala_1", "Second.")]  # the first koala_1 kept
     assert result.rejected == Counter({"duplicate_id": 1, "empty_prompt": 1, "missing_field": 2, "not_object": 1, "not_json": 2})
     assert result.rows == 9 == len(result.prompts) + sum(result.rejected.values())
@@ -132,7 +139,7 @@ def test_alpaca_bad_instances(make_cfg, tmp_path):
             {**good, "id": "t3", "instances": ["x"]}, {**good, "id": "t4", "instruction": "", "instances": [{"input": "in"}]}]
     path = tmp_path / "u.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = load_test_set(make_cfg("smoke", f"eval.test_sets.alpaca.path={path}"), "alpaca")
+    result = load_test_set(cfg_of(make_cfg, f"eval.test_sets.alpaca.path={path}"), "alpaca")
     assert [p.instruction for p in result.prompts] == ["Do it."]  # a blank input adds nothing
     assert result.rejected == Counter({"missing_field": 3, "empty_prompt": 1})
 
@@ -141,10 +148,10 @@ def test_file_in_the_wrong_format(make_cfg, tmp_path):
     path = tmp_path / "array.json"
     path.write_text(json.dumps([{"id": "koala_0", "prompt": "Hi"}], indent=2))
     with pytest.raises(ConfigError, match=r'array\.json: no valid koala test prompt in 6 rows \(expected JSON lines \{"id", "prompt"\}\)'):
-        load_test_set(make_cfg("smoke", f"eval.test_sets.koala.path={path}"), "koala")
+        load_test_set(cfg_of(make_cfg, f"eval.test_sets.koala.path={path}"), "koala")
     koala_file = write_koala(tmp_path / "k.jsonl", ["koala_0"])  # the Koala layout given as the Alpaca set
     with pytest.raises(ConfigError, match=r"k\.jsonl: no valid alpaca test prompt .*instruction: absent"):
-        load_test_set(make_cfg("smoke", f"eval.test_sets.alpaca.path={koala_file}"), "alpaca")
+        load_test_set(cfg_of(make_cfg, f"eval.test_sets.alpaca.path={koala_file}"), "alpaca")
 
 
 # ----------------------------------------------------------------------------- the public files
@@ -152,7 +159,7 @@ def test_file_in_the_wrong_format(make_cfg, tmp_path):
 
 def test_unreachable_url_suggests_a_path(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("KOALA_CACHE", str(tmp_path / "cache"))
-    cfg = make_cfg("smoke", "eval.test_sets.koala.origin=public", "eval.test_sets.koala.url=http://127.0.0.1:9/x.jsonl")
+    cfg = cfg_of(make_cfg, "eval.test_sets.koala.origin=public", "eval.test_sets.koala.url=http://127.0.0.1:9/x.jsonl")
     with pytest.raises(ConfigError, match=r"http://127\.0\.0\.1:9/x\.jsonl is unreachable .*--set eval\.test_sets\.koala\.path=FILE"):
         load_test_set(cfg, "koala")
     assert not (tmp_path / "cache" / "test_sets" / "x.jsonl").exists()
@@ -174,7 +181,7 @@ def test_download_once_into_the_cache(make_cfg, tmp_path, monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/koala_test_set.jsonl"
-    cfg = make_cfg("smoke", "eval.test_sets.koala.origin=public", f"eval.test_sets.koala.url={url}")
+    cfg = cfg_of(make_cfg, "eval.test_sets.koala.origin=public", f"eval.test_sets.koala.url={url}")
     try:
         result = load_test_set(cfg, "koala")
     finally:
@@ -195,17 +202,17 @@ def test_download_once_into_the_cache(make_cfg, tmp_path, monkeypatch):
 
 def test_real_koala_test_set(make_cfg, shared_data):
     path = shared_data / "eval" / "koala_test_set.jsonl"
-    result = load_test_set(make_cfg("smoke", f"eval.test_sets.koala.path={path}"), "koala")
+    result = load_test_set(cfg_of(make_cfg, f"eval.test_sets.koala.path={path}"), "koala")
     assert (len(result.prompts), result.rows, result.rejected) == (180, 180, Counter())
     assert [p.id for p in result.prompts] == [f"koala_{i}" for i in range(180)]
 
 
 def test_real_alpaca_test_set(make_cfg, shared_data):
     path = shared_data / "eval" / "user_oriented_instructions.jsonl"
-    subset = load_test_set(make_cfg("smoke", f"eval.test_sets.alpaca.path={path}"), "alpaca")
+    subset = load_test_set(cfg_of(make_cfg, f"eval.test_sets.alpaca.path={path}"), "alpaca")
     assert (len(subset.prompts), subset.rows, subset.rejected) == (180, 252, Counter())
     assert [p.id for p in subset.prompts] == sorted((p.id for p in subset.prompts), key=natural_key)
-    full = load_test_set(make_cfg("smoke", f"eval.test_sets.alpaca.path={path}", "eval.test_sets.alpaca.subset=null"), "alpaca")
+    full = load_test_set(cfg_of(make_cfg, f"eval.test_sets.alpaca.path={path}", "eval.test_sets.alpaca.subset=null"), "alpaca")
     assert (len(full.prompts), full.rejected) == (252, Counter())
     assert [p.id for p in full.prompts] == [f"user_oriented_task_{i}" for i in range(252)]
     assert set(subset.prompts) <= set(full.prompts)
