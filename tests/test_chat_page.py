@@ -158,7 +158,7 @@ def test_shows_the_served_model(driver, tiny_server):
     assert messages(driver) == []
 
 
-def test_two_turns_stream_and_keep_the_history(driver, tiny_server):
+def test_two_turns_stream_and_keep_the_history(driver, tiny_server, tmp_path):
     url, _ = tiny_server
     open_page(driver, url)
     set_value(driver, "#max-tokens", "40")
@@ -196,7 +196,8 @@ def test_two_turns_stream_and_keep_the_history(driver, tiny_server):
     if first["finish"] == "length":
         assert any("max-tokens" in n.text for n in by_css(driver, "#messages .notice.note"))
 
-    driver.save_screenshot(str(Path(tempfile.gettempdir()) / "chat.png"))
+    shot = tmp_path / "chat.png"
+    assert driver.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_refused_request_shows_the_error_and_the_page_recovers(driver, tiny_server):
