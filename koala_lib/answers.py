@@ -86,12 +86,12 @@ def load_generator(cfg: Config, who: Answerer):
     from koala_lib.generate import Generator
     from koala_lib.model.checkpoints import load_hf, model_kwargs
     from koala_lib.model.llama import Llama
-    from koala_lib.model.presets import preset
+    from koala_lib.train.loop import model_config
 
     kwargs = {**model_kwargs(cfg.model), "remat": "none"}
     if who.path is None:  # the random-init base of a `model.init: random` profile (stage 3 starts from the same seed)
         tokenizer = load_tokenizer(cfg)
-        model = Llama(preset(cfg.model.preset).replace(vocab_size=len(tokenizer)), rngs=nnx.Rngs(cfg.seed), **kwargs)
+        model = Llama(model_config(cfg, len(tokenizer))[0], rngs=nnx.Rngs(cfg.seed), **kwargs)
     else:
         tokenizer = AutoTokenizer.from_pretrained(who.path) if (who.path / "tokenizer.json").is_file() else load_tokenizer(cfg)
         model = load_hf(who.path, **kwargs)
@@ -158,11 +158,12 @@ class AnswersResult:
     cfg: Config
     prompts: list[TestPrompt]
     files: dict[str, Path] = field(default_factory=dict)
+    rows: dict[str, list[dict]] = field(default_factory=dict)  # each model's answers, as written to its file
     stats: dict[str, dict] = field(default_factory=dict)
     test_sets: dict[str, dict] = field(default_factory=dict)
 
     def answers(self, name: str) -> list[dict]:
-        return json.loads(self.files[name].read_text(encoding="utf-8"))
+        return self.rows[name]
 
     def table(self):
         """One row per model: answers, mean length, finish reasons, speed (a DataFrame)."""
@@ -231,7 +232,7 @@ def answer_all(cfg: Config, models: list[str] | None = None, progress: bool = Tr
             rows, stats = generate_answers(cfg, who, prompts, progress)
         path = out_dir / f"{who.name}.json"
         atomic_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-        result.files[who.name], result.stats[who.name] = path, stats
+        result.files[who.name], result.rows[who.name], result.stats[who.name] = path, rows, stats
         print(f"{who.name}: {len(rows)} answers -> {path}" + (f" ({stats['tokens_per_s']} tokens/s)" if "tokens_per_s" in stats else ""))
     if result.files:
         save(result.figure(), cfg.figures_path / "example_generations.png")

@@ -144,8 +144,7 @@ class Generator:
         self.eos_ids = {int(e) for e in eos if e is not None}
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0))
         self.graphdef, self.state = nnx.split(model)
-        self._cache_dtype = model.dtype
-        self._num_kv, self._head, self._layers = model.cfg.num_kv_heads, model.cfg.head_size, model.cfg.num_layers
+        self.init_cache = model.init_cache  # shapes and dtype only: it reads no parameter
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4))
         self.compiled: set[tuple[str, tuple[int, ...]]] = set()  # (function, shape bucket), for tests and benchmarks
@@ -162,10 +161,6 @@ class Generator:
         valid = valid.at[:, index].set(True)
         logits, cache = model.extend(token[:, None], lengths[:, None], valid, cache, index, last_only=True)
         return sample(logits[:, 0], seeds, step, temperature, top_p, top_k), lengths + 1, valid, cache
-
-    def _empty_cache(self, batch: int, slots: int):
-        shape = (batch, self._num_kv, slots, self._head)
-        return tuple((jnp.zeros(shape, self._cache_dtype), jnp.zeros(shape, self._cache_dtype)) for _ in range(self._layers))
 
     # -- the public call
 
@@ -216,16 +211,14 @@ class Generator:
             tokens[i, pad:] = r
             valid[i, pad:t] = True
             positions[i, pad:] = np.arange(len(r))
-        for i in range(n, b):  # filler rows: one token, never read
-            tokens[i, -1] = self.pad_id
-            valid[i, t - 1] = True
+        valid[n:, t - 1] = True  # filler rows: one padding token, never read
         lengths = np.array([len(r) for r in ids] + [1] * (b - n), np.int32)
         fill = lambda attr, default, dtype: np.array([getattr(p, attr) for p in params] + [default] * (b - n), dtype)
         seeds, temps = fill("seed", 0, np.uint32), fill("temperature", 0.0, np.float32)
         top_p, top_k = fill("top_p", 1.0, np.float32), fill("top_k", 0, np.int32)
         self.compiled.update({("prefill", (b, t, slots)), ("decode", (b, slots))})
 
-        token, cache = self._prefill(self.state, tokens, positions, valid, self._empty_cache(b, slots), seeds, temps, top_p, top_k)
+        token, cache = self._prefill(self.state, tokens, positions, valid, self.init_cache(b, slots), seeds, temps, top_p, top_k)
         lengths, valid = jnp.asarray(lengths), jnp.asarray(valid)
         longest = max(r.limit for r in rows)
         for step in range(1, longest + 1):
@@ -239,9 +232,6 @@ class Generator:
             if all(r.finish for r in rows) or pending is None:
                 break
             token, lengths, valid, cache = pending
-        for i, row in enumerate(rows):
-            if row.finish is None:  # the loop always ends rows; kept for clarity
-                self._finish(i, row, "length", on_token)
         return [Completion(r.text, r.tokens, r.finish or "length", r.prompt_len) for r in rows]
 
     def _advance(self, i: int, row: _Row, token: int, on_token) -> None:
