@@ -154,3 +154,64 @@ def example_answers(examples: list[dict], width: int = 95, max_chars: int = 360)
         ax.text(0.0, 1.0 - (i + 0.5) / len(lines), text, color=color, fontweight=weight, fontsize=8.5, family="monospace",
                 va="center", ha="left", transform=ax.transAxes)
     return fig
+
+
+WIN, TIE, LOSE = "#3a8f5c", "#c9c9c9", "#c0504d"
+TEST_SET_TITLES = {"alpaca": "Alpaca test set", "koala": "Koala test set"}
+
+
+def _win_tie_lose_panel(ax, rows: list[dict], title: str) -> None:
+    """Stacked horizontal bars (better | tied | worse, in %) for one test set; whiskers where a row has intervals."""
+    labels = [r["label"] for r in rows]
+    y = list(range(len(rows)))
+    better = [r["better"] for r in rows]
+    tie = [r["tie"] for r in rows]
+    worse = [r["worse"] for r in rows]
+    ax.barh(y, better, height=0.7, color=WIN, label="better")
+    ax.barh(y, tie, height=0.7, left=better, color=TIE, label="tied")
+    ax.barh(y, worse, height=0.7, left=[b + t for b, t in zip(better, tie)], color=LOSE, label="worse")
+    for i, r in enumerate(rows):
+        for value, left in ((r["better"], 0), (r["tie"], r["better"]), (r["worse"], r["better"] + r["tie"])):
+            if value >= 7:
+                ax.text(left + value / 2, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="black")
+        if "better_ci" in r:  # interval of the better share at the end of its bar, of the worse share at its start
+            lo, hi = r["better_ci"]
+            ax.errorbar(r["better"], i - 0.18, xerr=[[r["better"] - lo], [hi - r["better"]]], color="#1d4a2f", capsize=3, lw=1.2)
+            lo, hi = r["worse_ci"]
+            edge = 100 - r["worse"]
+            ax.errorbar(edge, i + 0.18, xerr=[[hi - r["worse"]], [r["worse"] - lo]], color="#5e1f1d", capsize=3, lw=1.2)
+        if "n" in r:
+            ax.text(101, i, f"n={r['n']}", va="center", fontsize=7, color="#555555")
+    ax.set_yticks(y, labels)
+    ax.set_ylim(max(len(rows), 3) - 0.4, -0.6)  # top to bottom; a lone bar keeps the height of one of three
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of judgments" + (" (whiskers: 95 % prompt-bootstrap intervals)" if any("better_ci" in r for r in rows) else ""))
+    ax.set_title(title, fontsize=10)
+
+
+def win_tie_lose(panels: dict[str, list[dict]], title: str, fig: Figure | None = None, row: int = 0, rows: int = 1) -> Figure:
+    """The Koala blog's layout: one panel per test set, a stacked better / tied / worse bar per opponent.
+
+    `panels` maps a test set (`alpaca`, `koala`) to rows `{"label", "better", "tie", "worse"}` in percent, with
+    optional `better_ci` / `worse_ci` (drawn as whiskers) and `n`. Used for the published numbers and for the
+    kit's own results, so the two can be read side by side (see `blog_comparison`)."""
+    fig = fig or Figure(figsize=(11, 0.45 * max(3, *(len(v) for v in panels.values())) + 1.8), layout="constrained")
+    sets = [s for s in ("alpaca", "koala") if s in panels] + [s for s in panels if s not in ("alpaca", "koala")]
+    axes = fig.add_gridspec(rows, len(sets)).subplots()
+    axes = axes.reshape(rows, len(sets))[row] if rows > 1 or len(sets) > 1 else [axes]
+    for ax, name in zip(axes, sets):
+        _win_tie_lose_panel(ax, panels[name], f"{title}: {TEST_SET_TITLES.get(name, name)}")
+    axes[-1].legend(loc="lower right", bbox_to_anchor=(1.0, 1.08), ncol=3, fontsize=8, frameon=False)
+    return fig
+
+
+def blog_comparison(published: dict[str, list[dict]], ours: dict[str, list[dict]], published_title: str,
+                    ours_title: str) -> Figure:
+    """The blog's figure re-drawn from its numbers (top) and the kit's results in the same layout (bottom)."""
+    n = max(3, *(len(v) for v in (*published.values(), *ours.values())))
+    fig = Figure(figsize=(11, 2 * (0.45 * n + 1.6)), layout="constrained")
+    grid = fig.add_gridspec(2, 1)
+    top, bottom = fig.add_subfigure(grid[0]), fig.add_subfigure(grid[1])
+    win_tie_lose(published, published_title, top)
+    win_tie_lose(ours, ours_title, bottom)
+    return fig
