@@ -5,6 +5,7 @@
     koala train --profile smoke --variant koala_distill
     koala generate --profile demo
     koala serve --profile demo --model koala_all --port 8000
+    koala leakage|judge|rate|mturk|report --profile demo      (stage 5, see koala_lib/cli_eval.py)
     koala pipeline --profile demo --stages 01
     koala weights fetch-default
 """
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set KOALA_API_KEY)")
     p.set_defaults(func=cmd_serve)
 
+    from koala_lib.cli_eval import register
+
+    register(sub, _common)
+
     p = sub.add_parser("pipeline", help="run the stage notebooks with papermill")
     _common(p)
     p.add_argument("--stages", default=None, help="only these stages, comma-separated (e.g. 01,02)")
@@ -237,13 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     from koala_lib.data.readers import SourceFormatError
+    from koala_lib.evaluation.judgments import JudgmentError
+    from koala_lib.evaluation.mturk import MTurkError
+    from koala_lib.evaluation.rating_app import StudyError
     from koala_lib.model.weights_diff import BaseMismatch
     from koala_lib.pipeline import StageFailed
     from koala_lib.train import DoesNotFit
 
     try:
         return func(args)
-    except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError, BaseMismatch, DoesNotFit) as exc:
+    except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError, BaseMismatch, DoesNotFit, JudgmentError,
+            MTurkError, StudyError) as exc:
         print(f"koala: error: {exc}", file=sys.stderr)
         return 2
 

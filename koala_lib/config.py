@@ -162,8 +162,21 @@ class TestSetsConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    base_url: str = doc("", "an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1; empty = the kit's own server running the base model (offline, a weak judge)")
+    model: str = doc("", "the judge model's name at that endpoint; empty = the model the endpoint serves")
+    api_key_env: str = doc("OPENAI_API_KEY", "environment variable that holds the endpoint's API key")
+    max_tokens: int = doc(512, "reply tokens per judgment at most (the verdict comes last)")
+    concurrency: int = doc(8, "judge requests in flight at once")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     test_sets: TestSetsConfig = doc(TestSetsConfig, "the prompts every model answers")
+    leakage_threshold: float = doc(20.0, "a test query whose sentence BLEU with a training user turn exceeds this is removed")
+    comparisons: tuple[str, ...] = doc((), "pairs to judge as A:B (stage 4 model names); empty = the first variant against every other model")
+    judge: JudgeConfig = doc(JudgeConfig, "the LLM judge (`koala judge`)")
+    bootstrap: int = doc(1000, "bootstrap replicates (resampling prompts) for every interval")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,192 @@
+"""Stage 5's subcommands of `koala`: leakage, judge, rate, mturk, report (registered by koala_lib.cli).
+
+    koala leakage --profile demo                      # test prompts vs the curated data -> runs/demo/eval/leakage.json
+    koala leakage --queries Q.jsonl --train runs/demo/data/curated --out leaks.json
+    koala judge --profile demo                        # the LLM judge, both orders -> runs/demo/eval/judgments/llm.jsonl
+    koala rate init --profile demo --raters alice,bob # a blind rating study; prints each rater's link
+    koala rate serve --profile demo --port 8001
+    koala rate export --profile demo                  # -> runs/demo/eval/judgments/raters.jsonl
+    koala mturk export --profile demo --out hits/
+    koala mturk import --profile demo --results Batch_results.csv --key hits/key.json
+    koala report --profile demo                       # -> runs/demo/eval/summary.json and the figures
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from koala_lib.config import load
+
+
+def _cfg(args: argparse.Namespace):
+    return load(args.profile, [*args.overrides, *([f"runs_dir={args.runs_dir}"] if args.runs_dir else [])])
+
+
+def cmd_leakage(args: argparse.Namespace) -> int:
+    if args.queries or args.train:
+        from koala_lib.evaluation.leakage import run_leakage
+
+        if not (args.queries and args.train and args.out):
+            raise FileNotFoundError("koala leakage: --queries, --train and --out go together")
+        report = run_leakage(Path(args.queries), Path(args.train), args.threshold, Path(args.out), progress=not args.quiet)
+        where = args.out
+    else:
+        from koala_lib.evaluation.stage import eval_dir, filter_leaks
+
+        cfg = _cfg(args)
+        report = filter_leaks(cfg, progress=not args.quiet)
+        where = eval_dir(cfg) / "leakage.json"
+    for leak in report.removed:
+        print(f"removed {leak.id}  BLEU {leak.bleu:.1f}  ~ {leak.train_text[:100]!r}")
+    print(f"{len(report.removed)} removed, {len(report.kept)} kept (threshold {report.threshold}) -> {where}")
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.stage import run_judge
+
+    judged = run_judge(_cfg(args), progress=not args.quiet)
+    r = judged.result
+    print(f"judge {r.judge}{' (weak)' if judged.weak else ''}: {len(r.judgments)} pairs in {r.seconds:.1f} s; "
+          f"outcomes {dict(r.outcomes)}; failed requests {dict(r.errors) or 0} -> {judged.path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.report import build_report
+    from koala_lib.evaluation.stage import eval_dir
+    from koala_lib.metrics import write_metrics
+
+    cfg = _cfg(args)
+    report = build_report(cfg)
+    write_metrics(cfg, "eval", report.metrics())
+    print(report.table().to_string() if report.comparisons else "no judgments yet")
+    print(f"summary: {eval_dir(cfg) / 'summary.json'}")
+    for name, path in report.figures.items():
+        print(f"figure {name}: {path}")
+    return 0
+
+
+def cmd_mturk_export(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.mturk import export_batch
+    from koala_lib.evaluation.stage import items_to_judge
+
+    cfg = _cfg(args)
+    batch = export_batch(items_to_judge(cfg), Path(args.out), seed=cfg.seed)
+    print(f"{batch.items} HITs ({batch.flipped} with sides flipped): template {batch.hit_html}, input {batch.batch_csv}, "
+          f"key {batch.key} (keep the key private)")
+    return 0
+
+
+def cmd_mturk_import(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.judgments import write_judgments
+    from koala_lib.evaluation.mturk import import_results
+    from koala_lib.evaluation.stage import judgments_dir
+
+    result = import_results(Path(args.results), Path(args.key))
+    out = Path(args.out) if args.out else judgments_dir(_cfg(args)) / "mturk.jsonl"
+    write_judgments(out, result.judgments)
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
+    print(f"{len(result.judgments)} judgments from {result.rows} rows (dropped: {dropped}) -> {out}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> Path:
+    from koala_lib.evaluation.stage import eval_dir
+
+    return Path(args.db) if args.db else eval_dir(_cfg(args)) / "rating" / "study.db"
+
+
+def cmd_rate_init(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.rating_app import create_study, rating_links
+    from koala_lib.evaluation.stage import items_to_judge
+
+    cfg = _cfg(args)
+    raters = [r.strip() for r in args.raters.split(",") if r.strip()]
+    db = _study(args)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    create_study(db, items_to_judge(cfg), raters, seed=cfg.seed, attention_checks=args.attention_checks)
+    for rater, link in rating_links(db, args.base_url).items():
+        print(f"{rater}: {link}")
+    print(f"study: {db} (send each rater only their own link; then `koala rate serve --profile {cfg.profile}`)")
+    return 0
+
+
+def cmd_rate_serve(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.rating_app import serve_forever
+
+    serve_forever(_study(args), args.host, args.port)
+    return 0
+
+
+def cmd_rate_report(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.rating_app import format_rater_report, rater_report
+
+    print(format_rater_report(rater_report(_study(args))))
+    return 0
+
+
+def cmd_rate_export(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.judgments import write_judgments
+    from koala_lib.evaluation.rating_app import export_judgments
+    from koala_lib.evaluation.stage import judgments_dir
+
+    judgments = export_judgments(_study(args))
+    out = Path(args.out) if args.out else judgments_dir(_cfg(args)) / "raters.jsonl"
+    write_judgments(out, judgments)
+    print(f"{len(judgments)} judgments -> {out}")
+    return 0
+
+
+def register(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add stage 5's subcommands to the `koala` parser."""
+    p = sub.add_parser("leakage", help="stage 5: remove test queries whose BLEU with a training user turn exceeds the threshold")
+    common(p)
+    p.add_argument("--queries", default=None, help="a JSONL of {id, prompt} (or self-instruct's format); default: the profile's test sets")
+    p.add_argument("--train", default=None, help="a curated dataset folder or a JSONL of curated records; default: the profile's stage 1 output")
+    p.add_argument("--threshold", type=float, default=20.0, help="sentence BLEU above which a query leaks (with --queries)")
+    p.add_argument("--out", default=None, help="the JSON report to write (with --queries)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_leakage)
+
+    p = sub.add_parser("judge", help="stage 5: an LLM judge over an OpenAI-compatible endpoint (eval.judge), both orders per pair")
+    common(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("report", help="stage 5: statistics of every judgment, summary.json and the figures")
+    common(p)
+    p.set_defaults(func=cmd_report)
+
+    rate = sub.add_parser("rate", help="a blind pairwise rating web app for your own raters").add_subparsers(dest="action", required=True)
+    for name, func, text in (("init", cmd_rate_init, "create (or extend) the study for the profile's pairs; print each rater's link"),
+                             ("serve", cmd_rate_serve, "serve the rating pages until stopped"),
+                             ("report", cmd_rate_report, "progress and attention checks per rater"),
+                             ("export", cmd_rate_export, "ratings -> judgments (default: runs/<P>/eval/judgments/raters.jsonl)")):
+        p = rate.add_parser(name, help=text)
+        common(p)
+        p.add_argument("--db", default=None, help="the study's SQLite file (default: runs/<P>/eval/rating/study.db)")
+        if name == "init":
+            p.add_argument("--raters", required=True, help="rater ids, comma-separated")
+            p.add_argument("--attention-checks", type=int, default=0, help="items with an obviously bad answer, per rater")
+            p.add_argument("--base-url", default="http://127.0.0.1:8001", help="where raters will reach `koala rate serve`")
+        if name == "serve":
+            p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+            p.add_argument("--port", type=int, default=8001)
+        if name == "export":
+            p.add_argument("--out", default=None, help="JSONL to write")
+        p.set_defaults(func=func)
+
+    mturk = sub.add_parser("mturk", help="Mechanical Turk: HIT template and batch CSV, results import").add_subparsers(dest="action", required=True)
+    p = mturk.add_parser("export", help="write hit.html, batch.csv and the private key.json for the profile's pairs")
+    common(p)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(func=cmd_mturk_export)
+    p = mturk.add_parser("import", help="MTurk's batch results CSV -> judgments (rejected assignments dropped)")
+    common(p)
+    p.add_argument("--results", required=True, help="the results CSV downloaded from MTurk")
+    p.add_argument("--key", required=True, help="key.json written by `koala mturk export`")
+    p.add_argument("--out", default=None, help="JSONL to write (default: runs/<P>/eval/judgments/mturk.jsonl)")
+    p.set_defaults(func=cmd_mturk_import)

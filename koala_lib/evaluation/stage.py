@@ -1,0 +1,140 @@
+"""Stage 5 for a profile: leakage filter, LLM judge, and the report over every judgment collected.
+
+    leaks = filter_leaks(cfg)          # runs/<P>/eval/leakage.json
+    judged = run_judge(cfg)            # runs/<P>/eval/judgments/llm.jsonl (+ FastChat's layout)
+    report = build_report(cfg)         # runs/<P>/eval/summary.json, figures, metrics
+
+Judgments are read from every `runs/<P>/eval/judgments/*.jsonl`: the LLM judge's, and those exported from
+`koala rate` or imported from MTurk into the same folder. Each source (`llm`, `rater`, `mturk`) is summarised on
+its own; prompts the leakage filter removed are left out of everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from koala_lib.config import Config, ConfigError
+from koala_lib.evaluation.judgments import PairItem, pair_items, read_judgments, write_judgments
+from koala_lib.files import atomic_text
+from koala_lib.testsets import TEST_SETS, load_test_set
+
+
+def eval_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "eval"
+
+
+def judgments_dir(cfg: Config) -> Path:
+    return eval_dir(cfg) / "judgments"
+
+
+def test_prompts(cfg: Config) -> list:
+    return [p for name in TEST_SETS for p in load_test_set(cfg, name).prompts]
+
+
+def filter_leaks(cfg: Config, progress: bool = True):
+    """Test queries against the user turns of stage 1's curated data; writes `eval/leakage.json`."""
+    from koala_lib.data.curate import load_curated
+    from koala_lib.evaluation.leakage import find_leaks, train_texts_from_records
+
+    queries = [(f"{p.test_set}/{p.id}", p.instruction) for p in test_prompts(cfg)]
+    report = find_leaks(queries, train_texts_from_records(load_curated(cfg)), cfg.eval.leakage_threshold, progress)
+    path = eval_dir(cfg) / "leakage.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_text(path, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def removed_queries(cfg: Config) -> set[str]:
+    """`test_set/id` of the queries the leakage filter removed (run it first)."""
+    path = eval_dir(cfg) / "leakage.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run the leakage filter first (`koala leakage --profile {cfg.profile}`)")
+    return {row["id"] for row in json.loads(path.read_text(encoding="utf-8"))["removed"]}
+
+
+def load_answers(cfg: Config) -> dict[str, list[dict]]:
+    """Stage 4's answers: model name -> rows."""
+    folder = cfg.run_dir / "generations"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no answers; run stage 4 first (`koala generate --profile {cfg.profile}`)")
+    return {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in files}
+
+
+def comparisons(cfg: Config, models: list[str]) -> list[tuple[str, str]]:
+    """`eval.comparisons` as (A, B) pairs; by default the first variant against every other model answered."""
+    from koala_lib.train.data import variant_name
+
+    if cfg.eval.comparisons:
+        pairs = []
+        for entry in cfg.eval.comparisons:
+            a, sep, b = entry.partition(":")
+            if not sep or not a.strip() or not b.strip() or a.strip() == b.strip():
+                raise ConfigError(f"eval.comparisons: {entry!r} is not A:B with two different model names")
+            for name in (a.strip(), b.strip()):
+                if name not in models:
+                    raise ConfigError(f"eval.comparisons: no answers from {name!r} (have: {', '.join(models)})")
+            pairs.append((a.strip(), b.strip()))
+        return pairs
+    first = variant_name(cfg.variants[0])
+    if first not in models:
+        raise ConfigError(f"eval.comparisons: the first variant {first!r} has no answers; set eval.comparisons")
+    return [(first, m) for m in models if m != first]
+
+
+def items_to_judge(cfg: Config) -> list[PairItem]:
+    """Every comparison on every prompt that survived the leakage filter."""
+    answers = load_answers(cfg)
+    removed = removed_queries(cfg)
+    items = pair_items(answers, comparisons(cfg, list(answers)))
+    return [i for i in items if f"{i.test_set}/{i.prompt_id}" not in removed]
+
+
+@dataclass
+class Judged:
+    result: object  # JudgeResult
+    weak: bool  # the kit's own small base model judged
+    path: Path
+
+
+def run_judge(cfg: Config, progress: bool = True) -> Judged:
+    """Judge every item with `eval.judge` (or, when its base_url is empty, with the kit's own server running the
+    base model); writes `eval/judgments/llm.jsonl`, `eval/fastchat_pair.jsonl` and `eval/judge.json`."""
+    from koala_lib.evaluation.judge import judge_pairs, local_judge
+
+    items = items_to_judge(cfg)
+    j = cfg.eval.judge
+    if j.base_url:
+        import openai
+
+        key = os.environ.get(j.api_key_env, "")
+        client = openai.OpenAI(base_url=j.base_url, api_key=key or "unused", timeout=600)
+        model = j.model or client.models.list().data[0].id
+        result = judge_pairs(items, client, model, j.max_tokens, j.concurrency, progress)
+        weak = False
+    else:
+        with local_judge(cfg) as (client, served):
+            result = judge_pairs(items, client, j.model or served, j.max_tokens, j.concurrency, progress,
+                                 judge_name=f"{served} (kit server)")
+        weak = True
+    out = judgments_dir(cfg) / "llm.jsonl"
+    write_judgments(out, result.judgments)
+    write_judgments(eval_dir(cfg) / "llm_games.jsonl", result.games)
+    atomic_text(eval_dir(cfg) / "fastchat_pair.jsonl",
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.fastchat_rows))
+    atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
+        "judge": result.judge, "weak": weak, "pairs": len(result.judgments), "outcomes": dict(result.outcomes),
+        "errors": dict(result.errors), "seconds": round(result.seconds, 2)}, indent=2) + "\n")
+    return Judged(result, weak, out)
+
+
+def all_judgments(cfg: Config) -> list:
+    """Every judgment under `eval/judgments/`, less those of removed (leaked) queries."""
+    removed = removed_queries(cfg)
+    out = []
+    for path in sorted(judgments_dir(cfg).glob("*.jsonl")):
+        out.extend(j for j in read_judgments(path) if f"{j.test_set}/{j.prompt_id}" not in removed)
+    return out
