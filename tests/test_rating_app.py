@@ -9,14 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
 import string
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -291,24 +289,6 @@ def test_no_model_name_reaches_the_browser(study):
 # ----------------------------------------------------------------------------- the page in a browser
 
 
-def launch_chromium():
-    """Headless Chromium through selenium, or a skip when it is not installed."""
-    chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-    if not chromium.exists() or not chromedriver.exists():
-        pytest.skip(f"needs {chromium} and {chromedriver} (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="koala-rate-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(chromium)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={profile}", "--window-size=1100,900"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(str(chromedriver)), options=options), profile
-
-
 def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
     code = f"from koala_lib.evaluation.rating_app import serve_forever; serve_forever({str(db)!r}, port={port})"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -329,11 +309,11 @@ def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.browser
-def test_rating_in_the_browser_survives_a_sigkill(tmp_path):
+def test_rating_in_the_browser_survives_a_sigkill(tmp_path, chromium):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver, profile = launch_chromium()
+    driver = chromium
     db = tmp_path / "study.db"
     tokens = create_study(db, make_items(8, payload_at=2), ["alice", "bob"], seed=11)
     with socket.socket() as sock:
@@ -420,8 +400,6 @@ def test_rating_in_the_browser_survives_a_sigkill(tmp_path):
         assert len(expected) == 8 and {v for v, _ in expected.values()} == {"A", "B", "tie"}
         api.assert_no_secrets()
     finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
