@@ -1,0 +1,84 @@
+"""Stage 5's report over judgments from several sources, and the choice of pairs to judge."""
+
+import json
+
+import pytest
+
+from koala_lib.config import ConfigError
+from koala_lib.evaluation.judgments import Judgment, write_judgments
+from koala_lib.evaluation.published import BLOG
+from koala_lib.evaluation.report import blog_panels, build_report
+from koala_lib.evaluation.stage import comparisons, items_to_judge, judgments_dir
+
+T = "2026-01-01T00:00:00+00:00"
+
+
+def _setup(cfg, removed=("koala/k3",)):
+    folder = cfg.run_dir / "eval"
+    folder.mkdir(parents=True)
+    (folder / "leakage.json").write_text(json.dumps({"threshold": 20.0, "removed": [{"id": i, "bleu": 55.0, "train_text": "x"} for i in removed],
+                                                     "kept": ["koala/k0", "koala/k1", "koala/k2"]}))
+    raters = [Judgment(f"k{i}", "koala", "koala_all", "base", v, r, i % 2 == 0, T)
+              for i, pair in enumerate([("A", "A"), ("A", "tie"), ("B", "A"), ("B", "B")]) for r, v in zip(("r1", "r2"), pair)]
+    llm = [Judgment(f"k{i}", "koala", "koala_all", "base", v, "judge", False, T, "llm") for i, v in enumerate("AABA")]
+    write_judgments(judgments_dir(cfg) / "raters.jsonl", raters)
+    write_judgments(judgments_dir(cfg) / "llm.jsonl", llm)
+    (folder / "judge.json").write_text(json.dumps({"judge": "tiny (kit server)", "weak": True, "outcomes": {}}))
+    return raters, llm
+
+
+def test_report_summarises_each_source_without_leaked_prompts(make_cfg):
+    cfg = make_cfg("smoke")
+    _setup(cfg)
+    rep = build_report(cfg)
+    rows = {(r["source"], r["test_set"]): r for r in rep.comparisons}
+    assert set(rows) == {("rater", "koala"), ("rater", "all"), ("llm", "koala"), ("llm", "all")}
+    # k3 leaked: raters' k0..k2 verdicts A A | A tie | B A -> 4 A, 1 tie, 1 B of 6
+    r = rows[("rater", "all")]
+    assert (r["n"], r["prompts"]) == (6, 3)
+    assert (r["better"], r["tie"], r["worse"]) == pytest.approx((400 / 6, 100 / 6, 100 / 6))
+    assert rows[("llm", "all")]["n"] == 3  # "AABA" less k3
+    assert rep.agreement["rater"]["items"] == 3 and rep.agreement["llm"] is None
+    assert {row["model"] for row in rep.ratings} == {"koala_all", "base"}
+    summary = json.loads((cfg.run_dir / "eval" / "summary.json").read_text())
+    assert summary["judge"]["weak"] is True and "weak judge" in summary["judge"]["note"]
+    assert summary["leakage"]["removed"] == ["koala/k3"]
+    assert summary["published"]["url"] == BLOG.url
+    assert (cfg.figures_path / "blog_figure.png").stat().st_size > 10_000
+    assert (cfg.figures_path / "win_tie_lose.png").stat().st_size > 10_000
+    assert rep.metrics()["llm/koala_all_vs_base/win_rate"] == pytest.approx(100 * 2 / 3, abs=1e-3)
+
+
+def test_the_blog_numbers_are_the_published_ones():
+    panels = blog_panels()
+    assert [(r["label"], r["better"], r["tie"], r["worse"]) for r in panels["koala"]] == [
+        ("vs Alpaca", 48, 22, 30), ("vs Koala-Distill", 34, 26, 40), ("vs ChatGPT", 30, 26, 44)]
+    assert [(r["better"], r["tie"], r["worse"]) for r in panels["alpaca"]] == [(32, 38, 30), (26, 28, 46), (31, 29, 40)]
+    assert all(sum(bar) == 100 for bars in BLOG.panels.values() for bar in bars.values())
+
+
+def test_comparisons_default_and_from_config(make_cfg):
+    cfg = make_cfg("smoke")
+    assert comparisons(cfg, ["base", "koala_all", "koala_distill"]) == [("koala_all", "base"), ("koala_all", "koala_distill")]
+    cfg = make_cfg("smoke", "eval.comparisons=[koala_distill:base]")
+    assert comparisons(cfg, ["base", "koala_all", "koala_distill"]) == [("koala_distill", "base")]
+    with pytest.raises(ConfigError, match="no answers from 'gpt4'"):
+        comparisons(make_cfg("smoke", "eval.comparisons=[koala_all:gpt4]"), ["base", "koala_all"])
+    with pytest.raises(ConfigError, match="is not A:B"):
+        comparisons(make_cfg("smoke", "eval.comparisons=[koala_all]"), ["base", "koala_all"])
+
+
+def test_items_leave_out_leaked_prompts(make_cfg):
+    cfg = make_cfg("smoke")
+    gen = cfg.run_dir / "generations"
+    gen.mkdir(parents=True)
+    for name in ("base", "koala_all"):
+        rows = [{"id": f"k{i}", "test_set": "koala", "instruction": f"q{i}", "output": f"{name} {i}", "generator": name,
+                 "dataset": "koala"} for i in range(4)]
+        (gen / f"{name}.json").write_text(json.dumps(rows))
+    with pytest.raises(FileNotFoundError, match="run the leakage filter first"):
+        items_to_judge(cfg)
+    _setup(cfg)
+    items = items_to_judge(cfg)
+    assert [(i.prompt_id, i.model_a, i.answer_a, i.model_b, i.answer_b) for i in items] == [
+        (f"k{i}", "koala_all", f"koala_all {i}", "base", f"base {i}") for i in range(3)]
