@@ -20,6 +20,7 @@ STAGES = [
     ("02", "02_marker_conditioning.ipynb"),
     ("03", "03_finetune.ipynb"),
     ("04", "04_inference.ipynb"),
+    ("05", "05_evaluation.ipynb"),
 ]
 
 

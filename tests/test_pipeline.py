@@ -11,7 +11,7 @@ from koala_lib.pipeline import StageFailed, run_pipeline
 @pytest.mark.slow
 def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     runs = run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], progress=False)
-    assert [r.stage for r in runs] == ["01", "02", "03", "04"]
+    assert [r.stage for r in runs] == ["01", "02", "03", "04", "05"]
     assert runs[0].notebook == tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
     metrics = json.loads((tmp_path / "smoke" / "data" / "metrics.json").read_text())
     report = json.loads((tmp_path / "smoke" / "data" / "report.json").read_text())
@@ -55,6 +55,16 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
         assert [r["dataset"] for r in rows] == ["koala"] * 4 + ["selfinstruct"] * 4
         assert all(set(r) >= {"instruction", "output", "generator", "dataset"} for r in rows)
     assert (tmp_path / "fig" / "example_generations.png").stat().st_size > 10_000
+    # stage 5: leakage report, one LLM judgment per kept prompt and comparison, the summary and both figures
+    leakage = json.loads((tmp_path / "smoke" / "eval" / "leakage.json").read_text())
+    assert len(leakage["removed"]) + len(leakage["kept"]) == 8
+    judged = json.loads((tmp_path / "smoke" / "eval" / "judge.json").read_text())
+    assert judged["weak"] is True and judged["pairs"] == 2 * len(leakage["kept"]) == sum(judged["outcomes"].values())
+    evaluated = json.loads((tmp_path / "smoke" / "eval" / "metrics.json").read_text())
+    assert evaluated["judgments"] == judged["pairs"] and evaluated["leaked_queries"] == len(leakage["removed"])
+    summary = json.loads((tmp_path / "smoke" / "eval" / "summary.json").read_text())
+    assert {(r["model_a"], r["model_b"]) for r in summary["comparisons"]} == {("koala_all", "base"), ("koala_all", "koala_distill")}
+    assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
 
 
 @pytest.mark.slow
