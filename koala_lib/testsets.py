@@ -76,7 +76,9 @@ class TestSetResult:
     problems: list[str] = field(default_factory=list)  # "file:line: reason: detail", one per rejected row
 
 
-class _Bad(Exception):
+class BadRow(Exception):
+    """A test-set row that cannot be used; `reason` is the counted rejection name."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
@@ -172,10 +174,10 @@ def _read(path: Path, name: str) -> TestSetResult:
             continue
         result.rows += 1
         try:
-            prompt = _parse(line, name)
+            prompt = parse_row(line, name)
             if prompt.id in seen:
-                raise _Bad("duplicate_id", f"id {prompt.id!r} is used on an earlier line")
-        except _Bad as bad:
+                raise BadRow("duplicate_id", f"id {prompt.id!r} is used on an earlier line")
+        except BadRow as bad:
             result.rejected[bad.reason] += 1
             result.problems.append(f"{path.name}:{number}: {bad.reason}: {bad}")
             continue
@@ -187,39 +189,41 @@ def _read(path: Path, name: str) -> TestSetResult:
     return result
 
 
-def _parse(line: bytes, name: str) -> TestPrompt:
+def parse_row(line: bytes, name: str) -> TestPrompt:
+    """One JSONL line of test set `name` (koala: `{"id","prompt"}`; alpaca: self-instruct's row, instruction and
+    first input joined by a blank line) as a TestPrompt; BadRow names what is wrong."""
     try:
         row = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise _Bad("not_json", f"invalid UTF-8 at byte {exc.start}") from None
+        raise BadRow("not_json", f"invalid UTF-8 at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
-        raise _Bad("not_json", f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        raise BadRow("not_json", f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(row, dict):
-        raise _Bad("not_object", f"a JSON {type(row).__name__}, expected an object")
+        raise BadRow("not_object", f"a JSON {type(row).__name__}, expected an object")
     row_id = _text(row, "id", "id")
     if not row_id.strip():
-        raise _Bad("missing_field", "empty id")
+        raise BadRow("missing_field", "empty id")
     if name == "koala":
         prompt = _text(row, "prompt", "prompt")
     else:
         prompt = _text(row, "instruction", "instruction")
         if not prompt.strip():
-            raise _Bad("empty_prompt", "the instruction is blank")
+            raise BadRow("empty_prompt", "the instruction is blank")
         instances = row.get("instances")
         if not isinstance(instances, list) or not instances:
-            raise _Bad("missing_field", "instances: absent or not a non-empty list")
+            raise BadRow("missing_field", "instances: absent or not a non-empty list")
         text = _text(instances[0], "input", "instances[0].input") if isinstance(instances[0], dict) else None
         if text is None:
-            raise _Bad("missing_field", "instances[0] is not an object")
+            raise BadRow("missing_field", "instances[0] is not an object")
         if text.strip():
             prompt = f"{prompt}\n\n{text}"
     if not prompt.strip():
-        raise _Bad("empty_prompt", "the prompt is blank")
+        raise BadRow("empty_prompt", "the prompt is blank")
     return TestPrompt(id=row_id, test_set=name, instruction=prompt)
 
 
 def _text(row: dict, key: str, where: str) -> str:
     value = row.get(key)
     if not isinstance(value, str):
-        raise _Bad("missing_field", f"{where}: {'absent' if value is None else type(value).__name__ + ', expected a string'}")
+        raise BadRow("missing_field", f"{where}: {'absent' if value is None else type(value).__name__ + ', expected a string'}")
     return value
