@@ -206,12 +206,15 @@ def win_tie_lose(panels: dict[str, list[dict]], title: str, fig: Figure | None =
 
 
 def blog_comparison(published: dict[str, list[dict]], ours: dict[str, list[dict]], published_title: str,
-                    ours_title: str) -> Figure:
-    """The blog's figure re-drawn from its numbers (top) and the kit's results in the same layout (bottom)."""
+                    ours_title: str, note: str = "") -> Figure:
+    """The blog's figure re-drawn from its numbers (top) and the kit's results in the same layout (bottom), with
+    an optional `note` under the bottom half (e.g. how many of the judge's ties were missing verdicts)."""
     n = max(3, *(len(v) for v in (*published.values(), *ours.values())))
     fig = Figure(figsize=(11, 2 * (0.45 * n + 1.6)), layout="constrained")
     grid = fig.add_gridspec(2, 1)
     top, bottom = fig.add_subfigure(grid[0]), fig.add_subfigure(grid[1])
     win_tie_lose(published, published_title, top)
     win_tie_lose(ours, ours_title, bottom)
+    if note:
+        bottom.supxlabel(note, fontsize=8, color="#555555")
     return fig

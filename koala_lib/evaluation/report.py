@@ -119,16 +119,21 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
         report.position_bias[source] = vars(position_bias(games))
     if len({m for j in judgments for m in (j.model_a, j.model_b)}) >= 2:
         report.ratings = bradley_terry(judgments, n_boot=min(n_boot, 200), seed=seed).rows()
-    report.figure_blog = plots.win_tie_lose(blog_panels(), "Koala-13B (All) vs, published")
+    published_title = "Published, Koala-13B (All), human raters"
+    report.figure_blog = plots.win_tie_lose(blog_panels(), published_title)
     source = "llm" if any(r["source"] == "llm" for r in report.comparisons) else next(
         (r["source"] for r in report.comparisons), None)
     if source:
-        judge_name = judge.get("judge", "") if source == "llm" else SOURCE_TITLES[source]
-        weak = " [weak judge]" if source == "llm" and judge.get("weak") else ""
-        title = f"{report.comparisons[0]['model_a']} vs, {judge_name}{weak}"
+        judge_name = f"judge {judge.get('judge', '')}" if source == "llm" else SOURCE_TITLES[source]
+        weak = " (weak)" if source == "llm" and judge.get("weak") else ""
+        title = f"This run, {report.comparisons[0]['model_a']}, {judge_name}{weak}"
+        outcomes = judge.get("outcomes", {}) if source == "llm" else {}
+        note = (f"LLM judge, {sum(outcomes.values())} pairs judged in both orders: {outcomes.get('consistent', 0)} consistent, "
+                f"{outcomes.get('inconsistent', 0)} inconsistent and {outcomes.get('no_verdict', 0)} without a verdict "
+                "(both counted as ties)") if outcomes else ""
         report.figure_ours = plots.blog_comparison(
             blog_panels(), ours_panels([r for r in report.comparisons if r["source"] == source]),
-            "Koala-13B (All) vs, published (human raters)", title)
+            published_title, title, note)
     if save:
         figures = cfg.figures_path
         report.figures["blog_figure"] = plots.save(report.figure_blog, figures / "blog_figure.png")
