@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from koala_lib.config import load
+from koala_lib.config import ConfigError, load
 
 
 def _cfg(args: argparse.Namespace):
@@ -29,7 +29,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         from koala_lib.evaluation.leakage import run_leakage
 
         if not (args.queries and args.train and args.out):
-            raise FileNotFoundError("koala leakage: --queries, --train and --out go together")
+            raise ConfigError("koala leakage: --queries, --train and --out go together")
         report = run_leakage(Path(args.queries), Path(args.train), args.threshold, Path(args.out), progress=not args.quiet)
         where = args.out
     else:
@@ -86,7 +86,7 @@ def cmd_mturk_import(args: argparse.Namespace) -> int:
     from koala_lib.evaluation.stage import judgments_dir
 
     result = import_results(Path(args.results), Path(args.key))
-    out = Path(args.out) if args.out else judgments_dir(_cfg(args)) / "mturk.jsonl"
+    out = Path(args.out) if args.out else judgments_dir(_cfg(args)) / f"mturk_{Path(args.results).stem}.jsonl"
     write_judgments(out, result.judgments)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
     print(f"{len(result.judgments)} judgments from {result.rows} rows (dropped: {dropped}) -> {out}")
@@ -188,5 +188,5 @@ def register(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     common(p)
     p.add_argument("--results", required=True, help="the results CSV downloaded from MTurk")
     p.add_argument("--key", required=True, help="key.json written by `koala mturk export`")
-    p.add_argument("--out", default=None, help="JSONL to write (default: runs/<P>/eval/judgments/mturk.jsonl)")
+    p.add_argument("--out", default=None, help="JSONL to write (default: runs/<P>/eval/judgments/mturk_<results name>.jsonl)")
     p.set_defaults(func=cmd_mturk_import)

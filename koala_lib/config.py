@@ -303,6 +303,8 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
         _set_dotted(raw, key, value)
     cfg = build(Config, raw, "")
     cfg.data.source_names()  # validates the mixture
+    if cfg.eval.bootstrap < 1:
+        raise ConfigError(f"eval.bootstrap: {cfg.eval.bootstrap} replicates; it must be at least 1")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
     return cfg

@@ -162,6 +162,9 @@ TEST_SET_TITLES = {"alpaca": "Alpaca test set", "koala": "Koala test set"}
 
 def _win_tie_lose_panel(ax, rows: list[dict], title: str) -> None:
     """Stacked horizontal bars (better | tied | worse, in %) for one test set; whiskers where a row has intervals."""
+    if not rows:
+        ax.text(50, 1, "no judgments", ha="center", va="center", fontsize=10, color="#777777")
+        ax.set_yticks([])
     labels = [r["label"] for r in rows]
     y = list(range(len(rows)))
     better = [r["better"] for r in rows]
@@ -201,7 +204,10 @@ def win_tie_lose(panels: dict[str, list[dict]], title: str, fig: Figure | None =
     axes = axes.reshape(rows, len(sets))[row] if rows > 1 or len(sets) > 1 else [axes]
     for ax, name in zip(axes, sets):
         _win_tie_lose_panel(ax, panels[name], f"{title}: {TEST_SET_TITLES.get(name, name)}")
-    axes[-1].legend(loc="lower right", bbox_to_anchor=(1.0, 1.08), ncol=3, fontsize=8, frameon=False)
+    drawn = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
+    if drawn is not None:
+        axes[-1].legend(*drawn.get_legend_handles_labels(), loc="lower right", bbox_to_anchor=(1.0, 1.08), ncol=3,
+                        fontsize=8, frameon=False)
     return fig
 
 

@@ -62,7 +62,7 @@ def test_mturk_round_trip_and_rating_study_reach_the_report(tmp_path, capsys):
             side = "Response A is better" if "A fine" in row["response_a"] else "Response B is better"
             writer.writerow([f"H{n}", f"A{n}", "W1", "Approved", "Tue Apr 04 10:22:31 PDT 2023", *row.values(), side])
     assert main(["mturk", "import", *common, "--results", str(results), "--key", str(hits / "key.json")]) == 0
-    assert (run / "eval" / "judgments" / "mturk.jsonl").is_file()
+    assert (run / "eval" / "judgments" / "mturk_results.jsonl").is_file()
 
     assert main(["rate", "init", *common, "--raters", "alice,bob"]) == 0
     out = capsys.readouterr().out

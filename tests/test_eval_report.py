@@ -39,7 +39,9 @@ def test_report_summarises_each_source_without_leaked_prompts(make_cfg):
     assert (r["better"], r["tie"], r["worse"]) == pytest.approx((400 / 6, 100 / 6, 100 / 6))
     assert rows[("llm", "all")]["n"] == 3  # "AABA" less k3
     assert rep.agreement["rater"]["items"] == 3 and rep.agreement["llm"] is None
-    assert {row["model"] for row in rep.ratings} == {"koala_all", "base"}
+    assert {(row["source"], row["model"]) for row in rep.ratings} == {(s, m) for s in ("llm", "rater") for m in ("koala_all", "base")}
+    llm_rating = {row["model"]: row["rating"] for row in rep.ratings if row["source"] == "llm"}
+    assert llm_rating["koala_all"] > llm_rating["base"]
     summary = json.loads((cfg.run_dir / "eval" / "summary.json").read_text())
     assert summary["judge"]["weak"] is True and "weak judge" in summary["judge"]["note"]
     assert summary["leakage"]["removed"] == ["koala/k3"]
@@ -82,3 +84,29 @@ def test_items_leave_out_leaked_prompts(make_cfg):
     items = items_to_judge(cfg)
     assert [(i.prompt_id, i.model_a, i.answer_a, i.model_b, i.answer_b) for i in items] == [
         (f"k{i}", "koala_all", f"koala_all {i}", "base", f"base {i}") for i in range(3)]
+
+
+def test_position_bias_of_the_llm_judge_comes_from_its_games_without_leaked_prompts(make_cfg):
+    cfg = make_cfg("smoke")
+    _setup(cfg)
+    # games: the first-shown answer won on k0, k1 (kept) and on k3 (leaked); the second-shown won on k2
+    games = [Judgment("k0", "koala", "koala_all", "base", "A", "judge", False, T, "llm"),
+             Judgment("k1", "koala", "koala_all", "base", "B", "judge", True, T, "llm"),
+             Judgment("k2", "koala", "koala_all", "base", "B", "judge", False, T, "llm"),
+             Judgment("k3", "koala", "koala_all", "base", "A", "judge", False, T, "llm")]
+    write_judgments(cfg.run_dir / "eval" / "llm_games.jsonl", games)
+    rep = build_report(cfg, save=False)
+    assert (rep.position_bias["llm"]["decisive"], rep.position_bias["llm"]["first_won"]) == (3, 2)
+    # raters: r1 saw koala_all first on even prompts; decisive kept k0 (A, A), k1 (A), k2 (B, A)
+    assert rep.position_bias["rater"]["decisive"] == 5
+
+
+def test_a_pair_stored_in_both_orders_is_one_comparison(make_cfg):
+    cfg = make_cfg("smoke")
+    _setup(cfg)
+    flipped = [Judgment("k0", "koala", "base", "koala_all", "B", "r3", False, T)]
+    write_judgments(judgments_dir(cfg) / "more.jsonl", flipped)
+    rep = build_report(cfg, save=False)
+    rater = [r for r in rep.comparisons if r["source"] == "rater"]
+    assert [(r["model_a"], r["model_b"], r["test_set"], r["n"]) for r in rater] == [
+        ("koala_all", "base", "koala", 7), ("koala_all", "base", "all", 7)]

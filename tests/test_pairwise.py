@@ -107,3 +107,15 @@ def test_bradley_terry_orders_three_models_and_stays_finite_for_an_unbeaten_mode
     for (lo, hi), x in zip(r.ci, r.rating):
         assert lo <= x + 1e-9 and x - 1e-9 <= hi
     assert bradley_terry(js, n_boot=100, seed=1) == r
+
+
+def test_a_judge_who_judged_an_item_twice_counts_once_in_agreement():
+    js = [Judgment("p1", "koala", "X", "Y", "A", "w1", False, T), Judgment("p1", "koala", "X", "Y", "B", "w1", False, T),
+          Judgment("p1", "koala", "X", "Y", "B", "w2", False, T)]
+    a = agreement(js)
+    assert (a.items, a.judgments, a.pairwise) == (1, 2, 1.0)  # w1's later verdict (B) agrees with w2
+
+
+def test_bootstrap_needs_a_replicate():
+    with pytest.raises(ValueError, match="n_boot must be at least 1"):
+        compare(HAND, "X", "Y", n_boot=0)

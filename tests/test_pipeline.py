@@ -61,7 +61,7 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     judged = json.loads((tmp_path / "smoke" / "eval" / "judge.json").read_text())
     assert judged["weak"] is True and judged["pairs"] == 2 * len(leakage["kept"]) == sum(judged["outcomes"].values())
     evaluated = json.loads((tmp_path / "smoke" / "eval" / "metrics.json").read_text())
-    assert evaluated["judgments"] == judged["pairs"] and evaluated["leaked_queries"] == len(leakage["removed"])
+    assert evaluated["judgments"] == judged["judgments"] == judged["pairs"] - judged["outcomes"].get("no_verdict", 0) and evaluated["leaked_queries"] == len(leakage["removed"])
     summary = json.loads((tmp_path / "smoke" / "eval" / "summary.json").read_text())
     assert {(r["model_a"], r["model_b"]) for r in summary["comparisons"]} == {("koala_all", "base"), ("koala_all", "koala_distill")}
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()

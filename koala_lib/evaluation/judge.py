@@ -2,14 +2,16 @@
 
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     result = judge_pairs(items, client, model="koala-base")
-    result.judgments        # one Judgment per item (source "llm")
+    result.judgments        # one Judgment per item the judge gave verdicts on (source "llm")
     result.fastchat_rows    # the same in FastChat's pairwise judgment JSONL layout
 
 Every pair is judged twice, once in each order (game 1: model_a's answer as "Assistant A"; game 2: swapped),
 at temperature 0. The judge ends its reply with `[[A]]`, `[[B]]` or `[[C]]` (tie). The two games are combined
-as in FastChat's MT-bench: the same winner in both orders is that winner; anything else (opposite winners, a
-tie in one, a reply without a verdict, an error) is a tie. Each outcome is counted in `result.outcomes`, so a
-judge that rarely answers in the format is visible rather than silently turned into ties.
+as in FastChat's MT-bench: the same verdict in both orders is that verdict; two verdicts that disagree (opposite
+winners, or a tie in one order) make a tie. A pair where either game has no verdict (no `[[X]]` in the reply, or
+a failed request) gives no judgment at all, as FastChat drops its "error" games: it is counted in
+`result.outcomes` (`no_verdict`) and kept in the FastChat rows, so a judge that rarely answers in the format is
+visible instead of turning into ties.
 
 Offline profiles judge with the kit's own server running the profile's base model (`local_judge`): a model of
 135M parameters is a weak judge, and the report says so.
@@ -66,7 +68,7 @@ def combine(game1: str | None, game2: str | None) -> tuple[str, str]:
 @dataclass
 class JudgeResult:
     judge: str
-    judgments: list[Judgment] = field(default_factory=list)  # one per pair, both orders combined
+    judgments: list[Judgment] = field(default_factory=list)  # one per pair with verdicts in both orders
     games: list[Judgment] = field(default_factory=list)  # one per game with a verdict: for position bias
     fastchat_rows: list[dict] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)  # consistent | inconsistent | no_verdict
@@ -86,7 +88,7 @@ def _ask(client, model: str, messages: list[dict], max_tokens: int) -> tuple[str
     try:
         reply = client.chat.completions.create(model=model, messages=messages, temperature=0.0, max_tokens=max_tokens)
         return reply.choices[0].message.content or "", None
-    except openai.OpenAIError as exc:
+    except (openai.OpenAIError, IndexError, AttributeError, ValueError) as exc:  # a failed request or a malformed reply
         return f"$ERROR$ {exc}", type(exc).__name__
 
 
@@ -125,9 +127,9 @@ def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int =
                 in_model_terms = {"A": "B", "B": "A", "tie": "tie"}[game] if swapped else game
                 result.games.append(Judgment(item.prompt_id, item.test_set, item.model_a, item.model_b,
                                              in_model_terms, name, swapped, stamp, "llm"))  # type: ignore[arg-type]
-        # one judgment per pair; `swapped` False: the combined verdict comes from both orders, game 1 first
-        result.judgments.append(Judgment(item.prompt_id, item.test_set, item.model_a, item.model_b, verdict,  # type: ignore[arg-type]
-                                         name, False, stamp, "llm"))
+        if outcome != "no_verdict":  # one judgment per pair; `swapped` False: both orders went into it, game 1 first
+            result.judgments.append(Judgment(item.prompt_id, item.test_set, item.model_a, item.model_b, verdict,  # type: ignore[arg-type]
+                                             name, False, stamp, "llm"))
         result.fastchat_rows.append({
             "question_id": f"{item.test_set}/{item.prompt_id}", "model_1": item.model_a, "model_2": item.model_b,
             "g1_winner": _FASTCHAT_WINNER[g1],

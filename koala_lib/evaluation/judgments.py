@@ -78,8 +78,6 @@ class Judgment:
         values = {}
         for f in fields(cls):
             if f.name not in row:
-                if f.name == "source":
-                    continue
                 raise JudgmentError(f"{where}missing field {f.name!r}")
             value = row[f.name]
             if not isinstance(value, kinds.get(f.name, str)):

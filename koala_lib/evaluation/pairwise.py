@@ -50,7 +50,10 @@ class Comparison:
 
 
 def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact binomial test of wins vs losses against 1/2 (the sign test); 1.0 with no decisive verdicts."""
+    """Two-sided exact binomial test of wins vs losses against 1/2 (the sign test); 1.0 with no decisive verdicts.
+
+    It treats judgments as independent: with several judges per prompt the p-value is optimistic, and the prompt
+    bootstrap interval is the figure to trust."""
     n = wins + losses
     if n == 0:
         return 1.0
@@ -79,6 +82,8 @@ def compare(judgments: Sequence[Judgment], model_a: str, model_b: str, test_set:
     groups = _by_prompt(chosen)
     # per prompt: [#A, #tie, #B]; a replicate is a weighted sum of these rows
     table = np.array([[sum(j.verdict == v for j in g) for v in ("A", "tie", "B")] for g in groups], dtype=np.float64)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(groups), size=(n_boot, len(groups)))
     weights = np.stack([np.bincount(p, minlength=len(groups)) for p in picks]).astype(np.float64)
@@ -117,11 +122,14 @@ def agreement(judgments: Sequence[Judgment]) -> Agreement:
 
     Fleiss' kappa in its form for a varying number of judges per item: P_i = (sum_j n_ij^2 - n_i) / (n_i (n_i - 1)),
     P-bar the mean of P_i, p_j the share of all verdicts in category j, kappa = (P-bar - P_e) / (1 - P_e) with
-    P_e = sum_j p_j^2. Only items with at least two judgments count."""
-    items: dict[tuple, Counter] = defaultdict(Counter)
+    P_e = sum_j p_j^2. Only items with at least two judges count; a judge's repeated judgment of an item counts once."""
+    latest: dict[tuple, str] = {}  # (item, judge) -> verdict: a judge who judged an item twice counts once, last
     for j in judgments:
         a, b = sorted((j.model_a, j.model_b))
-        items[(j.test_set, j.prompt_id, a, b)][j.oriented(a, b).verdict] += 1
+        latest[(j.test_set, j.prompt_id, a, b, j.judge)] = j.oriented(a, b).verdict
+    items: dict[tuple, Counter] = defaultdict(Counter)
+    for (*item, _judge), verdict in latest.items():
+        items[tuple(item)][verdict] += 1
     multi = [c for c in items.values() if sum(c.values()) >= 2]
     if not multi:
         return Agreement(0, 0, None, None)

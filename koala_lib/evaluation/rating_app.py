@@ -125,8 +125,11 @@ def _texts(item: PairItem) -> tuple:
 
 
 def create_study(db_path, items: Sequence[PairItem], raters: Sequence[str], seed: int = 0,
-                 attention_checks: int = 0) -> dict[str, str]:
-    """Create (or extend) the study in `db_path`; returns every rater's token (rater id -> token)."""
+                 attention_checks: int = 0, secret: str | None = None) -> dict[str, str]:
+    """Create (or extend) the study in `db_path`; returns every rater's token (rater id -> token).
+
+    Sides and order are drawn from `seed` and a `secret` stored in the study file (random when not given), so a
+    rater who knows the profile's seed and their own id still cannot recompute which side holds which model."""
     if not items:
         raise StudyError("a study needs at least one item")
     if isinstance(raters, str):
@@ -147,6 +150,13 @@ def create_study(db_path, items: Sequence[PairItem], raters: Sequence[str], seed
             db.execute("INSERT INTO meta VALUES ('seed', ?)", (str(int(seed)),))
         elif int(stored["value"]) != int(seed):
             raise StudyError(f"{db_path}: the study was created with seed {stored['value']}, not {seed}")
+        salt = db.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()
+        if salt is None:
+            db.execute("INSERT INTO meta VALUES ('secret', ?)", (secret or secrets.token_hex(16),))
+        elif secret is not None and secret != salt["value"]:
+            raise StudyError(f"{db_path}: the study was created with another secret")
+        stored_secret = db.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()["value"]
+        draw = f"{int(seed)}/{stored_secret}"
         known = {r["item_key"]: r for r in db.execute("SELECT * FROM items")}
         for item in items:
             row = known.get(item.key)
@@ -159,7 +169,7 @@ def create_study(db_path, items: Sequence[PairItem], raters: Sequence[str], seed
                 db.execute("INSERT INTO items (item_key, prompt_id, test_set, prompt, model_a, answer_a, model_b, "
                            "answer_b) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (item.key, *_texts(item)))
                 known[item.key] = db.execute("SELECT * FROM items WHERE item_key = ?", (item.key,)).fetchone()
-        _add_checks(db, attention_checks, int(seed))
+        _add_checks(db, attention_checks, draw)
         first = db.execute("SELECT COUNT(*) FROM raters").fetchone()[0]
         have = {r["id"] for r in db.execute("SELECT id FROM raters")}
         for name in names:
@@ -168,11 +178,11 @@ def create_study(db_path, items: Sequence[PairItem], raters: Sequence[str], seed
                 first += 1
         all_items = [r["id"] for r in db.execute("SELECT id FROM items ORDER BY id")]
         for rater in [r["id"] for r in db.execute("SELECT id FROM raters ORDER BY position")]:
-            _assign(db, rater, all_items, int(seed))
+            _assign(db, rater, all_items, draw)
         return {r["id"]: r["token"] for r in db.execute("SELECT id, token FROM raters ORDER BY position")}
 
 
-def _add_checks(db: sqlite3.Connection, wanted: int, seed: int) -> None:
+def _add_checks(db: sqlite3.Connection, wanted: int, seed: str) -> None:
     real = [r for r in db.execute("SELECT * FROM items WHERE expected IS NULL ORDER BY id")]
     have = db.execute("SELECT COUNT(*) FROM items WHERE expected IS NOT NULL").fetchone()[0]
     if have >= wanted:
@@ -187,7 +197,7 @@ def _add_checks(db: sqlite3.Connection, wanted: int, seed: int) -> None:
                     base["model_a"], base["answer_a"], CHECK_MODEL, OFF_TOPIC[n % len(OFF_TOPIC)]))
 
 
-def _assign(db: sqlite3.Connection, rater: str, item_ids: list[int], seed: int) -> None:
+def _assign(db: sqlite3.Connection, rater: str, item_ids: list[int], seed: str) -> None:
     """Assign the items `rater` lacks: shuffled after their current ones, with balanced random sides."""
     done = {r[0] for r in db.execute("SELECT item_id FROM assignments WHERE rater = ?", (rater,))}
     new = [i for i in item_ids if i not in done]

@@ -47,7 +47,7 @@ class EvalReport:
     comparisons: list[dict] = field(default_factory=list)  # one row per source x pair x test set (and "all")
     agreement: dict = field(default_factory=dict)  # source -> Agreement fields
     position_bias: dict = field(default_factory=dict)  # source -> PositionBias fields
-    ratings: list[dict] = field(default_factory=list)
+    ratings: list[dict] = field(default_factory=list)  # Bradley-Terry, one fit per source
     figures: dict[str, Path] = field(default_factory=dict)
     figure_blog: object = None
     figure_ours: object = None
@@ -94,6 +94,20 @@ class EvalReport:
         return out
 
 
+def _orientation(cfg: Config, pair: frozenset, judgments: list) -> tuple[str, str]:
+    """(model_a, model_b) for a pair: as in `eval.comparisons`, else the first variant first, else as first stored."""
+    from koala_lib.train.data import variant_name
+
+    for entry in cfg.eval.comparisons:
+        a, _, b = (x.strip() for x in entry.partition(":"))
+        if {a, b} == pair:
+            return a, b
+    first = variant_name(cfg.variants[0])
+    if first in pair:
+        return first, next(iter(pair - {first}))
+    return next((j.model_a, j.model_b) for j in judgments if {j.model_a, j.model_b} == pair)
+
+
 def build_report(cfg: Config, save: bool = True) -> EvalReport:
     """Summarise every judgment of the profile; with `save`, write `eval/summary.json` and the two figures
     (the caller writes `report.metrics()` with koala_lib.metrics, as every stage does)."""
@@ -106,39 +120,43 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     judgments = all_judgments(cfg)
     report = EvalReport(cfg, judge, leakage)
     seed, n_boot = cfg.seed, cfg.eval.bootstrap
+    removed = {r["id"] for r in leakage.get("removed", [])}
     for source in sorted({j.source for j in judgments}):
         mine = [j for j in judgments if j.source == source]
-        pairs = list(dict.fromkeys((j.model_a, j.model_b) for j in mine))
-        for a, b in pairs:
-            for test_set in [*sorted({j.test_set for j in mine if (j.model_a, j.model_b) == (a, b)}), None]:
+        pairs = list(dict.fromkeys(frozenset((j.model_a, j.model_b)) for j in mine))
+        for pair in pairs:
+            a, b = _orientation(cfg, pair, mine)
+            for test_set in [*sorted({j.test_set for j in mine if {j.model_a, j.model_b} == pair}), None]:
                 row = compare(mine, a, b, test_set, n_boot=n_boot, seed=seed).row()
                 report.comparisons.append({"source": source, **row})
         report.agreement[source] = vars(agreement(mine)) if source != "llm" else None
         games_file = folder / "llm_games.jsonl"
-        games = read_judgments(games_file) if source == "llm" and games_file.is_file() else mine
+        games = mine
+        if source == "llm" and games_file.is_file():  # position bias from single games, leaked prompts left out too
+            games = [g for g in read_judgments(games_file) if f"{g.test_set}/{g.prompt_id}" not in removed]
         report.position_bias[source] = vars(position_bias(games))
-    if len({m for j in judgments for m in (j.model_a, j.model_b)}) >= 2:
-        report.ratings = bradley_terry(judgments, n_boot=min(n_boot, 200), seed=seed).rows()
+        if len({m for j in mine for m in (j.model_a, j.model_b)}) >= 2:
+            for row in bradley_terry(mine, n_boot=min(n_boot, 200), seed=seed).rows():
+                report.ratings.append({"source": source, **row})
     published_title = "Published, Koala-13B (All), human raters"
     report.figure_blog = plots.win_tie_lose(blog_panels(), published_title)
-    source = "llm" if any(r["source"] == "llm" for r in report.comparisons) else next(
-        (r["source"] for r in report.comparisons), None)
-    if source:
-        judge_name = f"judge {judge.get('judge', '')}" if source == "llm" else SOURCE_TITLES[source]
-        weak = " (weak)" if source == "llm" and judge.get("weak") else ""
-        title = f"This run, {report.comparisons[0]['model_a']}, {judge_name}{weak}"
-        outcomes = judge.get("outcomes", {}) if source == "llm" else {}
-        note = (f"LLM judge, {sum(outcomes.values())} pairs judged in both orders: {outcomes.get('consistent', 0)} consistent, "
-                f"{outcomes.get('inconsistent', 0)} inconsistent and {outcomes.get('no_verdict', 0)} without a verdict "
-                "(both counted as ties)") if outcomes else ""
-        report.figure_ours = plots.blog_comparison(
-            blog_panels(), ours_panels([r for r in report.comparisons if r["source"] == source]),
-            published_title, title, note)
+    # this run's figure: human judgments when there are any (as in the blog), else the LLM judge's
+    sources = {r["source"] for r in report.comparisons}
+    source = next((s for s in ("rater", "mturk", "llm") if s in sources), "llm")
+    judge_name = f"judge {judge.get('judge', '')}" if source == "llm" else SOURCE_TITLES[source]
+    weak = " (weak)" if source == "llm" and judge.get("weak") else ""
+    first = next((r["model_a"] for r in report.comparisons if r["source"] == source), "")
+    title = f"This run, {first or 'no judgments'}, {judge_name}{weak}"
+    outcomes = judge.get("outcomes", {}) if source == "llm" else {}
+    note = (f"LLM judge, {sum(outcomes.values())} pairs judged in both orders: {outcomes.get('consistent', 0)} consistent, "
+            f"{outcomes.get('inconsistent', 0)} inconsistent (ties), {outcomes.get('no_verdict', 0)} without a verdict "
+            "(left out)") if outcomes else ""
+    ours = {t: [] for t in BLOG.panels} | ours_panels([r for r in report.comparisons if r["source"] == source])
+    report.figure_ours = plots.blog_comparison(blog_panels(), ours, published_title, title, note)
     if save:
         figures = cfg.figures_path
         report.figures["blog_figure"] = plots.save(report.figure_blog, figures / "blog_figure.png")
-        if report.figure_ours is not None:
-            report.figures["win_tie_lose"] = plots.save(report.figure_ours, figures / "win_tie_lose.png")
+        report.figures["win_tie_lose"] = plots.save(report.figure_ours, figures / "win_tie_lose.png")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_text(folder / "summary.json", json.dumps(report.summary(), indent=2, ensure_ascii=False) + "\n")
     return report

@@ -126,7 +126,8 @@ def run_judge(cfg: Config, progress: bool = True) -> Judged:
     atomic_text(eval_dir(cfg) / "fastchat_pair.jsonl",
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.fastchat_rows))
     atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
-        "judge": result.judge, "weak": weak, "pairs": len(result.judgments), "outcomes": dict(result.outcomes),
+        "judge": result.judge, "weak": weak, "pairs": len(items), "judgments": len(result.judgments),
+        "outcomes": dict(result.outcomes),
         "errors": dict(result.errors), "seconds": round(result.seconds, 2)}, indent=2) + "\n")
     return Judged(result, weak, out)
 
