@@ -7,8 +7,9 @@
 
 Export writes three files to the output folder:
 - `hit.html`: the task layout (Crowd HTML Elements): a `crowd-classifier` named `preference` showing `${prompt}`,
-  `${response_a}` and `${response_b}`. MTurk fills the `${...}` variables HTML-escaped, so the text is shown in
-  blocks styled `white-space: pre-wrap` to keep the answers' line breaks and indentation.
+  `${response_a}` and `${response_b}`. MTurk fills the `${...}` variables HTML-escaped (the results CSV echoes them
+  with entities, which import decodes), so the text is shown in blocks styled `white-space: pre-wrap` to keep the
+  answers' line breaks and indentation. Preview a HIT in the requester sandbox before a paid batch.
 - `batch.csv`: one row per item, columns `item_id, prompt, response_a, response_b, flip`. `flip` is 1 when
   model_a's answer is `response_b`; it is drawn per item from `seed`, and the layout never shows it. Item ids
   are random hex, not derived from the models.
