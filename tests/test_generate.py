@@ -60,12 +60,22 @@ def test_kv_cache_logits_equal_the_plain_forward(debug_model):
         np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
 
 
+def test_fused_projections_compute_the_same_logits_and_leave_the_model_alone(debug_model):
+    fused = debug_model.fused()
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, 300, size=(3, 13)), jnp.int32)
+    np.testing.assert_allclose(fused(ids), debug_model(ids), atol=1e-5)
+    attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert attn.qkv_proj.kernel.shape == (64, 64 + 2 * 32) and mlp.gate_up_proj.kernel.shape == (64, 2 * 128)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj")
+    assert debug_model.layers[0].self_attn.qkv_proj is None and debug_model.layers[0].self_attn.q_proj.kernel.shape == (64, 64)
+
+
 def test_batched_left_padded_greedy_equals_recomputing_each_prompt_alone(debug_model):
     gen = Generator(debug_model, CharTokenizer())
     prompts = [[5, 9, 11], [7] * 20, list(range(1, 34))]  # three prompt lengths, two prompt buckets' worth
     outs = gen.generate(prompts, Sampling(max_new_tokens=12, stop=()))
     for prompt, out in zip(prompts, outs):
-        expected = greedy_by_recompute(debug_model, prompt, 12)
+        expected = greedy_by_recompute(debug_model, prompt, 12)  # the unfused model, whole prefix every step
         cut = expected.index(0) if 0 in expected else len(expected)  # EOS ends it
         assert out.tokens == expected[:cut]
         assert out.finish_reason == ("stop" if cut < 12 else "length")

@@ -87,11 +87,23 @@ class Attention(nnx.Module):
         self.v_proj = linear(d, self.n_kv * h)
         self.o_proj = linear(self.n_heads * h, d)
 
+        self.qkv_proj: nnx.Linear | None = None  # set by `fuse` (decoding), replacing the three above
+
+    def fuse(self) -> None:
+        """One [D, (N + 2K) H] projection instead of three: fewer, wider matmuls, which decoding's few rows favour."""
+        kernels = [p.kernel[...] for p in (self.q_proj, self.k_proj, self.v_proj)]
+        self.qkv_proj = nnx.data(_linear_like(self.q_proj, jnp.concatenate(kernels, axis=1)))
+        del self.q_proj, self.k_proj, self.v_proj
+
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, _ = x.shape  # x [B, T, D]
-        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head)  # [B, T, N, H]
-        k = self.k_proj(x).reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
-        v = self.v_proj(x).reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
+        if self.qkv_proj is not None:
+            q, k, v = jnp.split(self.qkv_proj(x), [self.n_heads * self.head, (self.n_heads + self.n_kv) * self.head], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.n_heads, self.head)  # [B, T, N, H]
+        k = k.reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
+        v = v.reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -143,8 +155,26 @@ class MLP(nnx.Module):
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
 
+        self.gate_up_proj: nnx.Linear | None = None  # set by `fuse` (decoding)
+
+    def fuse(self) -> None:
+        """One [D, 2I] projection for gate and up."""
+        self.gate_up_proj = nnx.data(_linear_like(self.gate_proj, jnp.concatenate([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)))
+        del self.gate_proj, self.up_proj
+
     def __call__(self, x: jax.Array) -> jax.Array:  # SwiGLU: [B, T, D] -> [B, T, D]
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
+
+
+def _linear_like(like: nnx.Linear, kernel: jax.Array) -> nnx.Linear:
+    """A bias-free Linear with `like`'s dtypes holding `kernel` [in, out]."""
+    out = nnx.Linear(kernel.shape[0], kernel.shape[1], use_bias=False, dtype=like.dtype, param_dtype=like.param_dtype,
+                     rngs=nnx.Rngs(0), kernel_init=lambda *_: kernel)
+    return out
 
 
 class Block(nnx.Module):
@@ -229,6 +259,15 @@ class Llama(nnx.Module):
         return logits.reshape(b, t, -1).astype(jnp.float32)  # [B, T, V]
 
     # ------------------------------------------------------------------------- generation with a KV cache
+
+    def fused(self) -> "Llama":
+        """A copy whose attention and MLP projections are fused (q/k/v and gate/up): the same function, fewer
+        matmuls per layer. Used for decoding; the copy's parameter names no longer match a checkpoint's."""
+        model = nnx.clone(self)
+        for block in model.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+        return model
 
     def init_cache(self, batch: int, slots: int, dtype=None) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """An empty KV cache: one (keys, values) pair [B, K, S, H] per layer, in the compute dtype."""
