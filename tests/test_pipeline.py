@@ -63,7 +63,11 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     evaluated = json.loads((tmp_path / "smoke" / "eval" / "metrics.json").read_text())
     assert evaluated["judgments"] == judged["judgments"] == judged["pairs"] - judged["outcomes"].get("no_verdict", 0) and evaluated["leaked_queries"] == len(leakage["removed"])
     summary = json.loads((tmp_path / "smoke" / "eval" / "summary.json").read_text())
-    assert {(r["model_a"], r["model_b"]) for r in summary["comparisons"]} == {("koala_all", "base"), ("koala_all", "koala_distill")}
+    # the random smoke judge rarely writes a [[X]] verdict: comparisons exist exactly for the pairs it judged
+    judged_pairs = {(j["model_a"], j["model_b"]) for j in map(json.loads, (tmp_path / "smoke" / "eval" / "judgments" / "llm.jsonl").read_text().splitlines())}
+    assert {(r["model_a"], r["model_b"]) for r in summary["comparisons"]} == judged_pairs
+    assert judged_pairs <= {("koala_all", "base"), ("koala_all", "koala_distill")}
+    assert len((tmp_path / "smoke" / "eval" / "fastchat_pair.jsonl").read_text().splitlines()) == judged["pairs"]
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
 
 
