@@ -127,7 +127,9 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_record:
-        record_section("leakage", "Stage 5: test-query leakage filter (bench/leakage.py)", lines)
+        record_section("leakage", "Stage 5: test-query leakage filter (bench/leakage.py)", lines, headline=[
+            (f"leakage filter, {len(queries)} queries x {len(texts):,} training texts (sentence BLEU > 20), decisions identical "
+             "to brute-force sacrebleu", f"{report.seconds:.1f} s (goal: under 2 minutes); {ratio:,.0f}x brute force's pairs/s")])
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def main() -> None:
             "",
             f"The kit's first call compiles: {compile_s:.1f} s.",
         ],
+        headline=[(f"model forward, SmolLM2-135M fp32, batch {args.batch} x {args.length}, vs transformers (PyTorch), same threads",
+                   f"{kit_rate / hf_rate:.2f}x ({kit_rate:,.0f} vs {hf_rate:,.0f} tokens/s; goal >= 1.0x"
+                   f"{'' if kit_rate >= hf_rate else ' not met'})")],
     )
 
 

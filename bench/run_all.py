@@ -15,3 +15,7 @@ if __name__ == "__main__":
     for script in SCRIPTS + (["train_gpu.py"] if jax.default_backend() == "gpu" else []):
         print(f"== bench/{script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script)], check=True)
+    sys.path.insert(0, str(HERE))
+    from results import update_readme
+
+    update_readme()

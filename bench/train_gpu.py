@@ -106,7 +106,9 @@ def main() -> None:
     print("\n".join(lines))
     print(f"loss after {args.steps + 1} steps on one repeated batch: {r['loss']:.3f}")
     if not (args.tiny or args.no_record):
-        record_section("train_gpu", "Training MFU on a GPU (bench/train_gpu.py)", lines)
+        record_section("train_gpu", "Training MFU on a GPU (bench/train_gpu.py)", lines, headline=[
+            (f"training MFU of a {size} LLaMA, seq {args.length}, bf16, {attention or 'auto'} attention, on {r['devices']} x {r['device']} (`bench/train_gpu.py`)",
+             f"{r['mfu']:.1%} ({r['tokens_per_s']:,.0f} tokens/s; goal >= 45 % on an H100)")])
     assert np.isfinite(r["loss"])
 
 

@@ -94,12 +94,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from koala_lib.pipeline import run_pipeline
+    import time
 
+    from koala_lib.pipeline import run_pipeline, written_since
+
+    start = time.time()
     runs = run_pipeline(args.profile, _overrides(args), stages=args.stages, progress=not args.quiet)
     print(f"pipeline {args.profile!r}: {len(runs)} stage(s) in {sum(r.seconds for r in runs):.1f} s")
     for run in runs:
         print(f"  {run.stage}  {run.seconds:7.1f} s  {run.notebook}")
+    for kind, paths in written_since(args.profile, _overrides(args), start).items():
+        print(f"{kind} written ({len(paths)}):")
+        for path in paths:
+            print(f"  {path}")
     return 0
 
 

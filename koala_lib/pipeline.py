@@ -85,3 +85,11 @@ def run_pipeline(
         runs.append(StageRun(sid, dst, seconds))
         print(f"      done in {seconds:.1f} s -> {dst}", flush=True)
     return runs
+
+
+def written_since(profile: str, overrides: Sequence[str], since: float) -> dict[str, list[Path]]:
+    """The figures and metrics files the run wrote (modified at or after `since`, a time.time() value)."""
+    cfg = load(profile, overrides)
+    fresh = lambda paths: sorted(p for p in paths if p.is_file() and p.stat().st_mtime >= since)
+    return {"figures": fresh(cfg.figures_path.glob("*.png")), "metrics": fresh(cfg.run_dir.glob("*/metrics.json")),
+            "summaries": fresh([cfg.run_dir / "eval" / "summary.json"])}

@@ -1,6 +1,7 @@
 """The `koala` command: one-line errors with a non-zero exit, --set / --runs-dir everywhere."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,6 +47,21 @@ def test_sources_outside_the_mixture_are_refused(tmp_path, capsys):
 def test_pipeline_unknown_stage(capsys):
     assert main(["pipeline", "--profile", "smoke", "--stages", "07"]) == 2
     assert "unknown stage '07'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pipeline_ends_with_the_figures_and_metrics_it_wrote(tmp_path, capsys):
+    stale = tmp_path / "fig" / "old.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"png")
+    os.utime(stale, (0, 0))  # written long before this run: not listed
+    assert main(["pipeline", "--profile", "smoke", "--stages", "01", "--runs-dir", str(tmp_path), "--quiet",
+                 "--set", f"figures_dir={tmp_path}/fig"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("figures written (1):\n")[1].splitlines()
+    assert listed[0].strip() == str(tmp_path / "fig" / "data_composition.png")
+    assert f"metrics written (1):\n  {tmp_path / 'smoke' / 'data' / 'metrics.json'}" in out
+    assert "old.png" not in out
 
 
 @pytest.mark.slow
