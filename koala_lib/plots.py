@@ -165,6 +165,11 @@ def _win_tie_lose_panel(ax, rows: list[dict], title: str) -> None:
     if not rows:
         ax.text(50, 1, "no judgments", ha="center", va="center", fontsize=10, color="#777777")
         ax.set_yticks([])
+        ax.set_xlim(0, 100)
+        ax.set_ylim(2.6, -0.6)
+        ax.set_xlabel("% of judgments")
+        ax.set_title(title, fontsize=10)
+        return
     labels = [r["label"] for r in rows]
     y = list(range(len(rows)))
     better = [r["better"] for r in rows]

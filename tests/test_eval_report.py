@@ -110,3 +110,19 @@ def test_a_pair_stored_in_both_orders_is_one_comparison(make_cfg):
     rater = [r for r in rep.comparisons if r["source"] == "rater"]
     assert [(r["model_a"], r["model_b"], r["test_set"], r["n"]) for r in rater] == [
         ("koala_all", "base", "koala", 7), ("koala_all", "base", "all", 7)]
+
+
+def test_a_judge_without_verdicts_gives_an_empty_panel_not_a_crash(make_cfg):
+    cfg = make_cfg("smoke")
+    folder = cfg.run_dir / "eval"
+    folder.mkdir(parents=True)
+    (folder / "leakage.json").write_text(json.dumps({"threshold": 20.0, "removed": [], "kept": ["koala/k0"]}))
+    (folder / "judge.json").write_text(json.dumps({"judge": "tiny", "weak": True, "pairs": 2, "judgments": 0,
+                                                   "outcomes": {"no_verdict": 2}}))
+    write_judgments(judgments_dir(cfg) / "llm.jsonl", [])
+    rep = build_report(cfg)
+    assert rep.comparisons == [] and rep.ratings == [] and rep.metrics()["judgments"] == 0
+    texts = [t.get_text() for sub in rep.figure_ours.subfigs for ax in sub.axes for t in ax.texts]
+    assert texts.count("no judgments") == 2
+    assert "2 without a verdict (left out)" in rep.figure_ours.subfigs[1]._supxlabel.get_text()
+    assert (cfg.figures_path / "win_tie_lose.png").stat().st_size > 10_000
