@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from koala_lib.evaluation.judgments import Judgment, PairItem, now
+from koala_lib.evaluation.judgments import Judgment, PairItem, now, swap
 
 PROMPT_NAME = "koala-kit-pair-v1"
 SYSTEM = (
@@ -59,7 +59,7 @@ def combine(game1: str | None, game2: str | None) -> tuple[str, str]:
     outcome counted: `consistent`, `inconsistent` or `no_verdict`."""
     if game1 is None or game2 is None:
         return "tie", "no_verdict"
-    undone = {"A": "B", "B": "A", "tie": "tie"}[game2]
+    undone = swap(game2)
     if game1 == undone:
         return game1, "consistent"
     return "tie", "inconsistent"
@@ -124,7 +124,7 @@ def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int =
         stamp = now()
         for game, swapped in ((g1, False), (g2, True)):
             if game is not None:
-                in_model_terms = {"A": "B", "B": "A", "tie": "tie"}[game] if swapped else game
+                in_model_terms = swap(game) if swapped else game
                 result.games.append(Judgment(item.prompt_id, item.test_set, item.model_a, item.model_b,
                                              in_model_terms, name, swapped, stamp, "llm"))  # type: ignore[arg-type]
         if outcome != "no_verdict":  # one judgment per pair; `swapped` False: both orders went into it, game 1 first

@@ -26,6 +26,11 @@ VERDICTS: tuple[str, ...] = ("A", "B", "tie")
 SOURCES: tuple[str, ...] = ("rater", "mturk", "llm")
 
 
+def swap(verdict: str) -> str:
+    """The same verdict with the two sides exchanged (A <-> B; a tie stays a tie)."""
+    return {"A": "B", "B": "A", "tie": "tie"}[verdict]
+
+
 class JudgmentError(ValueError):
     """A judgment row is malformed; the message names the file, the line and the field."""
 
@@ -63,8 +68,7 @@ class Judgment:
             return self
         if (self.model_a, self.model_b) != (model_b, model_a):
             raise ValueError(f"judgment of {self.model_a} vs {self.model_b} is not about {model_a} vs {model_b}")
-        flipped = {"A": "B", "B": "A", "tie": "tie"}[self.verdict]
-        return Judgment(self.prompt_id, self.test_set, model_a, model_b, flipped, self.judge, not self.swapped,
+        return Judgment(self.prompt_id, self.test_set, model_a, model_b, swap(self.verdict), self.judge, not self.swapped,
                         self.time, self.source)  # type: ignore[arg-type]
 
     def to_row(self) -> dict:

@@ -39,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from koala_lib.evaluation.judgments import Judgment, PairItem
+from koala_lib.evaluation.judgments import Judgment, PairItem, swap
 from koala_lib.files import atomic_text
 
 CLASSIFIER = "preference"  # the crowd-classifier's name in the layout
@@ -265,7 +265,7 @@ def import_results(results_csv: Path, key_path: Path) -> MTurkImport:
             rejected["unknown_label"] += 1
             continue
         flip = value["Input.flip"] == "1"
-        verdict = {"A": "B", "B": "A", "tie": "tie"}[screen] if flip else screen
+        verdict = swap(screen) if flip else screen
         judgments.append(Judgment(entry["prompt_id"], entry["test_set"], entry["model_a"], entry["model_b"],
                                   verdict, value["WorkerId"], flip, parse_submit_time(value["SubmitTime"]),
                                   source="mturk"))  # type: ignore[arg-type]

@@ -43,5 +43,3 @@ BLOG = PublishedResults(
         "the blog's 180-prompt Alpaca test set subset was never published",
     ),
 )
-
-TEST_SET_TITLES = {"alpaca": "Alpaca test set", "koala": "Koala test set"}

@@ -37,9 +37,9 @@ def test_prompts(cfg: Config) -> list:
 def filter_leaks(cfg: Config, progress: bool = True):
     """Test queries against the user turns of stage 1's curated data; writes `eval/leakage.json`."""
     from koala_lib.data.curate import load_curated
-    from koala_lib.evaluation.leakage import find_leaks, train_texts_from_records
+    from koala_lib.evaluation.leakage import find_leaks, queries_from_prompts, train_texts_from_records
 
-    queries = [(f"{p.test_set}/{p.id}", p.instruction) for p in test_prompts(cfg)]
+    queries = queries_from_prompts(test_prompts(cfg))  # ids `test_set/id`, as removed_queries reads them
     report = find_leaks(queries, train_texts_from_records(load_curated(cfg)), cfg.eval.leakage_threshold, progress)
     path = eval_dir(cfg) / "leakage.json"
     path.parent.mkdir(parents=True, exist_ok=True)
