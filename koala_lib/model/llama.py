@@ -96,7 +96,8 @@ class Attention(nnx.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        b, t, _ = x.shape  # x [B, T, D]
+        b, t, d = x.shape  # x [B, T, D]
+        x = x.reshape(b * t, d)  # 2-D projections (see `MLP.__call__`)
         if self.qkv_proj is not None:
             q, k, v = jnp.split(self.qkv_proj(x), [self.n_heads * self.head, (self.n_heads + self.n_kv) * self.head], axis=-1)
         else:
@@ -106,13 +107,30 @@ class Attention(nnx.Module):
         v = v.reshape(b, t, self.n_kv, self.head)  # [B, T, K, H]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        b, t = q.shape[:2]  # q [B, T, N, H], k and v [B, S, K, H], mask [B, 1, T, S]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)  # [B, T, N, H]
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.head))  # [B, T, D]
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, blocks: int = 1) -> jax.Array:
+        """q [B, T, N, H], k and v [B, S, K, H], mask [B, 1, T, S] -> [B, T, D].
+
+        With `blocks` > 1 (self-attention, S == T, a causal mask), the queries are cut into that many blocks and
+        each attends only to the keys up to its own end: causality masks every later key, so the result is the
+        same and the masked upper triangle (3/8 of the work for 4 blocks) is never computed.
+        """
+        b, t = q.shape[:2]
+        size = -(-t // blocks)
+        outs = [
+            jax.nn.dot_product_attention(q[:, i : i + size], k[:, : i + size], v[:, : i + size],
+                                         mask=mask[:, :, i : i + size, : i + size], implementation=self.implementation)
+            for i in range(0, t, size)
+        ]  # each [B, size, N, H]
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # [B, T, N, H]
+        return self.o_proj(out.reshape(b * t, self.n_heads * self.head)).reshape(b, t, -1)  # [B, T, D]
+
+    def causal_blocks(self, t: int) -> int:
+        """Query blocks for self-attention over T tokens: 4 for XLA's attention on rows of 128+ tokens (measured
+        on CPU: +4 % on a SmolLM2 training step at 4 x 256), else 1; cuDNN's fused kernel is called whole."""
+        return 4 if self.implementation != "cudnn" and t >= 128 else 1
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        return self.attend(*self.project(x, cos, sin), mask)
+        return self.attend(*self.project(x, cos, sin), mask, self.causal_blocks(x.shape[1]))
 
     def cached(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array], index: jax.Array):
         """Attention of T new tokens written at cache slots index..index+T-1; returns (out, updated kv).
@@ -126,7 +144,7 @@ class Attention(nnx.Module):
         cache_v = jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), slot)
         if t == 1:
             out = one_query_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)  # [B, 1, N, H]
-            out = self.o_proj(out.reshape(b, t, self.n_heads * self.head))
+            out = self.o_proj(out.reshape(b * t, self.n_heads * self.head)).reshape(b, t, -1)
         else:
             out = self.attend(q, cache_k.swapaxes(1, 2).astype(q.dtype), cache_v.swapaxes(1, 2).astype(q.dtype), mask)
         return out, (cache_k, cache_v)
@@ -163,11 +181,15 @@ class MLP(nnx.Module):
         del self.gate_proj, self.up_proj
 
     def __call__(self, x: jax.Array) -> jax.Array:  # SwiGLU: [B, T, D] -> [B, T, D]
+        # On [B*T, D] rows: with 3-D activations XLA's CPU backward materialises the gate gradient transposed
+        # ([I, B*T], a slow copy per layer); 2-D rows make the weight-gradient dots plain matmuls (~1.4x faster).
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [B*T, D]
         if self.gate_up_proj is not None:
             gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return self.down_proj(jax.nn.silu(gate) * up).reshape(shape)
 
 
 def _linear_like(like: nnx.Linear, kernel: jax.Array) -> nnx.Linear:

@@ -21,17 +21,23 @@ from flax import nnx
 
 
 def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
-    """[b, T-1] 1.0 where token t+1 is a trained target predicted from position t, else 0.0."""
+    """[b, T] 1.0 where token t+1 is a trained target predicted from position t, else 0.0 (always 0 at the last
+    position, which predicts nothing)."""
     seg = batch["segment_ids"]
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    return (same & (batch["loss_mask"][:, 1:] > 0)).astype(jnp.float32)
+    weights = (same & (batch["loss_mask"][:, 1:] > 0)).astype(jnp.float32)  # [b, T-1]
+    return jnp.pad(weights, ((0, 0), (0, 1)))
 
 
 def token_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(sum of cross-entropy, (correct predictions, targets)) over the trained targets of a micro-batch."""
-    weights = target_weights(batch)  # [b, T-1]
-    targets = batch["tokens"][:, 1:]  # [b, T-1]
-    logits = logits[:, :-1].astype(jnp.float32)  # [b, T-1, V]
+    """(sum of cross-entropy, (correct predictions, targets)) over the trained targets of a micro-batch.
+
+    Every position is scored against the next token (the last against a wrapped-around one, weighted 0) rather
+    than slicing logits [b, T-1, V]: the slice would copy the whole logits array, and its gradient pad it back.
+    """
+    weights = target_weights(batch)  # [b, T]
+    targets = jnp.roll(batch["tokens"], -1, axis=1)  # [b, T]: token t+1 at position t
+    logits = logits.astype(jnp.float32)  # [b, T, V]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     loss_sum = jnp.sum((log_z - picked) * weights)
@@ -57,9 +63,12 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
             (l, (c, n)), g = grad_fn(params, mb)
             return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c, count + n), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-        (grads, loss, correct, count), _ = jax.lax.scan(micro, init, batch)
+        if batch["tokens"].shape[0] == 1:  # no accumulation: no loop, no zero gradients to add to
+            (loss, (correct, count)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+            (grads, loss, correct, count), _ = jax.lax.scan(micro, init, batch)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
