@@ -93,7 +93,7 @@ def torch_step(folder: Path, batch: dict):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return run
 

@@ -32,7 +32,7 @@ def hf_model(name, tmp_path, seed=0):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("shape", [(1, 7), (3, 37), (2, 96)])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 37), (2, 96), (1, 150)])  # 150: causal query blocks
 def test_logits_parity_with_transformers_on_random_configs(name, shape, tmp_path):
     model, folder = hf_model(name, tmp_path)
     ids = np.random.default_rng(shape[1]).integers(0, 320, size=shape)
@@ -54,8 +54,9 @@ def test_packed_row_gives_each_segment_its_own_logits(tmp_path):
     _, folder = hf_model("gqa-llama3-rope", tmp_path)
     model = load_hf(folder)
     rng = np.random.default_rng(3)
-    pieces = [rng.integers(0, 320, size=n) for n in (11, 5, 20)]
-    tokens = np.concatenate(pieces + [np.zeros(4, dtype=np.int64)])[None]  # three segments, then padding
+    pieces = [rng.integers(0, 320, size=n) for n in (41, 35, 60)]
+    tokens = np.concatenate(pieces + [np.zeros(4, dtype=np.int64)])[None]  # three segments, then padding: 140 tokens,
+    # so self-attention runs in causal query blocks of 35 that cut across the segments
     segments = np.concatenate([np.full(len(p), i + 1) for i, p in enumerate(pieces)] + [np.zeros(4)])[None].astype(np.int32)
     positions = np.concatenate([np.arange(len(p)) for p in pieces] + [np.arange(4)])[None].astype(np.int32)
     packed = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))[0]
