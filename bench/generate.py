@@ -70,8 +70,9 @@ def hf_runner(model, tokenizer, texts: list[str], new_tokens: int):
     return run, counted
 
 
-def server_throughput(gen, template, clients: int, requests: int, new_tokens: int) -> tuple[float, int]:
-    """(tokens/s, tokens) for `requests` chat requests sent by `clients` concurrent openai clients."""
+def server_throughput(gen, template, clients: int, requests: int, new_tokens: int, rounds: int = 3) -> tuple[float, int]:
+    """(best tokens/s over `rounds`, tokens per round) for `requests` chat requests sent by `clients` concurrent
+    openai clients."""
     from openai import OpenAI
 
     from koala_lib.serve import create_app, serving
@@ -86,10 +87,13 @@ def server_throughput(gen, template, clients: int, requests: int, new_tokens: in
 
         with ThreadPoolExecutor(clients) as pool:  # a first round compiles the batch shapes the server will see
             list(pool.map(ask, range(requests)))
-        start = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            tokens = sum(pool.map(ask, range(requests)))
-        return tokens / (time.perf_counter() - start), tokens
+        best = 0.0
+        for _ in range(rounds):  # how requests fall into batches depends on timing: a round may meet a new shape
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                tokens = sum(pool.map(ask, range(requests)))
+            best = max(best, tokens / (time.perf_counter() - start))
+        return best, tokens
 
 
 def main() -> None:
@@ -138,7 +142,7 @@ def main() -> None:
         f"Goals: batch 1 at least 1.5x transformers (**{rates[1][0] / rates[1][1]:.2f}x**); batch 16 at least 5x batch 1 in "
         f"total tokens/s (**{rates[16][0] / rates[1][0]:.1f}x**).",
         f"Server (`koala serve` app, {args.clients} concurrent openai clients, {2 * args.clients} chat requests of up to "
-        f"{args.new_tokens} tokens): **{served:,.1f} tokens/s** ({served_tokens} tokens).",
+        f"{args.new_tokens} tokens, best of 3 rounds): **{served:,.1f} tokens/s** ({served_tokens} tokens).",
     ]
     if jax.default_backend() == "gpu":
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.state))
