@@ -114,15 +114,19 @@ class Attention(nnx.Module):
         each attends only to the keys up to its own end: causality masks every later key, so the result is the
         same and the masked upper triangle (3/8 of the work for 4 blocks) is never computed.
         """
-        b, t = q.shape[:2]
+        t = q.shape[1]
         size = -(-t // blocks)
         outs = [
             jax.nn.dot_product_attention(q[:, i : i + size], k[:, : i + size], v[:, : i + size],
                                          mask=mask[:, :, i : i + size, : i + size], implementation=self.implementation)
             for i in range(0, t, size)
         ]  # each [B, size, N, H]
-        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # [B, T, N, H]
-        return self.o_proj(out.reshape(b * t, self.n_heads * self.head)).reshape(b, t, -1)  # [B, T, D]
+        return self.output(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1))
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """The heads' outputs [B, T, N, H] through o_proj, on 2-D rows -> [B, T, D]."""
+        b, t = out.shape[:2]
+        return self.o_proj(out.reshape(b * t, self.n_heads * self.head)).reshape(b, t, -1)
 
     def causal_blocks(self, t: int) -> int:
         """Query blocks for self-attention over T tokens: 4 for XLA's attention on rows of 128+ tokens (measured
@@ -137,14 +141,13 @@ class Attention(nnx.Module):
 
         The cache is laid out [B, K, S, H]: one query token (decoding) then reads each head's keys contiguously.
         """
-        b, t = x.shape[:2]
+        t = x.shape[1]
         q, k, v = self.project(x, cos, sin)  # [B, T, N, H], [B, T, K, H]
         slot = (0, 0, index, 0)
         cache_k = jax.lax.dynamic_update_slice(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype), slot)  # [B, K, S, H]
         cache_v = jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), slot)
         if t == 1:
-            out = one_query_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)  # [B, 1, N, H]
-            out = self.o_proj(out.reshape(b * t, self.n_heads * self.head)).reshape(b, t, -1)
+            out = self.output(one_query_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask))
         else:
             out = self.attend(q, cache_k.swapaxes(1, 2).astype(q.dtype), cache_v.swapaxes(1, 2).astype(q.dtype), mask)
         return out, (cache_k, cache_v)
