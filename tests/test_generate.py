@@ -91,6 +91,28 @@ def test_shapes_are_bucketed_so_compilation_is_shared(debug_model):
     assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
 
 
+def test_wide_decode_on_a_cpu_keeps_matmuls_off_ynnpack_and_an_unknown_option_falls_back(monkeypatch):
+    import koala_lib.generate as generate
+
+    assert generate.wide_decode_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    assert generate.wide_decode_options("gpu") == {}
+    monkeypatch.setattr(generate, "_CPU_WIDE_DECODE_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
+    generate.wide_decode_options.cache_clear()
+    try:
+        assert generate.wide_decode_options("cpu") == {}
+    finally:
+        generate.wide_decode_options.cache_clear()
+
+
+def test_wide_and_narrow_batches_decode_alike(debug_model):
+    gen = Generator(debug_model, CharTokenizer())
+    prompts = [[1 + i % 5] * (3 + i) for i in range(9)]  # 9 rows: a batch bucket of 16, decoded by the wide step
+    wide = gen.generate(prompts, Sampling(max_new_tokens=6, stop=()))
+    narrow = [gen.generate([p], Sampling(max_new_tokens=6, stop=()))[0] for p in prompts[:3]]
+    assert {key[1][0] for key in gen.compiled if key[0] == "decode"} == {1, 16}
+    assert [c.tokens for c in wide[:3]] == [c.tokens for c in narrow]
+
+
 def test_sampling_top_k_one_and_tiny_top_p_are_greedy():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 50)), jnp.float32)
     greedy = np.asarray(jnp.argmax(logits, -1))
