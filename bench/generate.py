@@ -120,13 +120,19 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     gen = Generator(load_hf(folder), tokenizer, max_batch=16)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    rates = {}
+    # Both batch sizes of both sides in one interleaved run: the batch-16 / batch-1 ratio then compares runs made
+    # under the same machine conditions, not two measurements minutes apart.
+    runners, counts = [], []
     for batch in (1, 16):
         texts = prompts(batch)
-        kit, kit_n = kit_runner(gen, texts, args.new_tokens)
-        ref, ref_n = hf_runner(hf, AutoTokenizer.from_pretrained(folder), texts, args.new_tokens)
-        kit_s, ref_s = interleaved([kit, ref], args.repeats, rounds=2)
-        rates[batch] = (kit_n["tokens"] / kit_s, ref_n["tokens"] / ref_s, kit_n["tokens"], ref_n["tokens"])
+        for run, counted in (kit_runner(gen, texts, args.new_tokens), hf_runner(hf, AutoTokenizer.from_pretrained(folder), texts, args.new_tokens)):
+            runners.append(run)
+            counts.append(counted)
+    seconds = interleaved(runners, args.repeats, rounds=3)
+    rates = {}
+    for i, batch in enumerate((1, 16)):
+        kit_n, ref_n = counts[2 * i]["tokens"], counts[2 * i + 1]["tokens"]
+        rates[batch] = (kit_n / seconds[2 * i], ref_n / seconds[2 * i + 1], kit_n, ref_n)
         print(f"batch {batch}: kit {rates[batch][0]:.1f} tok/s, transformers {rates[batch][1]:.1f} tok/s", flush=True)
     template = template_for(load("demo"), tokenizer)
     served, served_tokens = server_throughput(gen, template, args.clients, 2 * args.clients, args.new_tokens)
