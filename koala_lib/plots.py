@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 120
 BEFORE, AFTER = "#b8c4d6", "#2f6db3"
@@ -122,6 +123,7 @@ def loss_curves(runs: dict[str, tuple[list[dict], list[dict]]]) -> Figure:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], color=color, linestyle="--", marker="o",
                     markersize=5, label=f"{variant} eval (held-out)")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel("cross-entropy per trained token (nats)")
     ax.set_title("Fine-tuning loss: answer tokens only, averaged over each batch's targets", fontsize=10)
     ax.grid(alpha=0.3)

@@ -297,3 +297,16 @@ def test_the_gpu_benchmark_runs_at_a_tiny_size_on_cpu():
     assert "0.1M-parameter LLaMA-architecture model, 1 x cpu" in proc.stdout
     mfu = float(proc.stdout.split("**MFU ")[1].split("%")[0])
     assert 0 < mfu < 100
+
+
+def test_loss_curves_mark_whole_optimizer_steps_only():
+    from koala_lib import plots
+
+    train = [{"step": s, "loss": 11.0 - 0.1 * s} for s in range(1, 5)]
+    evals = [{"step": s, "eval_loss": 11.2 - 0.1 * s} for s in (0, 2, 4)]
+    fig = plots.loss_curves({"koala_all": (train, evals)})
+    fig.canvas.draw()  # tick positions are chosen at draw time
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
