@@ -34,19 +34,22 @@ def cfg_of(make_cfg, *overrides: str):
 
 def test_demo_koala_set(make_cfg):
     result = load_test_set(cfg_of(make_cfg), "koala")
-    assert len(result.prompts) == 12 and result.rows == 13
+    assert len(result.prompts) == 37 and result.rows == 38
     assert result.rejected == Counter({"not_json": 1})
-    assert result.problems[0].startswith("koala_test_set.jsonl:13: not_json: invalid JSON")
-    assert [p.id for p in result.prompts] == [f"koala_{i}" for i in range(12)]  # natural order: koala_10 after koala_9
+    assert len(result.problems) == 1 and result.problems[0].startswith("koala_test_set.jsonl:13: not_json: invalid JSON")
+    # natural order (koala_10 after koala_9); koala_12 is the id of the bad line 13
+    assert [p.id for p in result.prompts] == [f"koala_{i}" for i in range(38) if i != 12]
     assert all(p.test_set == "koala" and p.instruction.strip() for p in result.prompts)
     assert result.source.endswith("koala_lib/data/demo/eval/koala_test_set.jsonl")
 
 
 def test_demo_alpaca_set_joins_instruction_and_input(make_cfg):
     result = load_test_set(cfg_of(make_cfg), "alpaca")
-    assert len(result.prompts) == 12 and result.rows == 13  # the default subset of 180 is larger: all are kept
+    assert len(result.prompts) == 37 and result.rows == 38  # the default subset of 180 is larger: all are kept
     assert result.rejected == Counter({"missing_field": 1})
     assert result.problems == ["user_oriented_instructions.jsonl:13: missing_field: instruction: absent"]
+    assert [p.id for p in result.prompts] == [f"user_oriented_task_{i}" for i in range(38) if i != 12]
+    assert sum("\n\n" not in p.instruction for p in result.prompts) == 6  # the tasks with an empty input
     by_id = {p.id: p for p in result.prompts}
     assert by_id["user_oriented_task_1"] == TestPrompt(
         "user_oriented_task_1", "alpaca",
