@@ -3,16 +3,27 @@
     run_pipeline("demo", stages=["01"])   # -> runs/demo/notebooks/01_data_curation.ipynb
 
 An executed notebook is kept whether it passed or failed, so a failure can be opened in JupyterLab.
+
+Progress: the runner sets KOALA_PROGRESS for each stage's kernel to `<notebook stem>.progress.log` beside the
+executed notebook, so the stage's bars (koala_lib/progress.py: training steps, answers, judged pairs, curation
+rows) go there as plain lines instead of into the notebook's outputs. With `progress=True` a thread follows the
+file and prints its new lines prefixed with the stage id, `  03 | train koala_all: 6/10 step ...`, above
+papermill's cell bar (shown when stderr is a terminal); the log stays for a look after the run.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from koala_lib.config import ConfigError, load, project_root
+from koala_lib.progress import ENV as PROGRESS_ENV
 
 # (stage id, notebook file); later stages append here.
 STAGES = [
@@ -62,20 +73,24 @@ def run_pipeline(
     out_dir = cfg.run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     nb_dir = project_root() / "notebooks"
+    cell_bar = progress and sys.stderr.isatty()  # papermill's \r bar only where it redraws in place
     runs: list[StageRun] = []
     for i, (sid, name) in enumerate(selected, start=1):
         src, dst = nb_dir / name, out_dir / name
+        log = dst.with_suffix(".progress.log")
+        log.write_text("", encoding="utf-8")
         print(f"[{i}/{len(selected)}] stage {sid}: {name} (profile {profile})", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(
-                str(src),
-                str(dst),
-                parameters={"profile": profile, "overrides": list(overrides)},
-                cwd=str(nb_dir),
-                progress_bar=progress,
-                kernel_name="python3",
-            )
+            with _environ(PROGRESS_ENV, str(log)), (streaming(log, f"  {sid} | ") if progress else nullcontext()):
+                papermill.execute_notebook(
+                    str(src),
+                    str(dst),
+                    parameters={"profile": profile, "overrides": list(overrides)},
+                    cwd=str(nb_dir),
+                    progress_bar=cell_bar,
+                    kernel_name="python3",
+                )
         except PapermillExecutionError as exc:
             raise StageFailed(
                 f"stage {sid} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
@@ -85,6 +100,69 @@ def run_pipeline(
         runs.append(StageRun(sid, dst, seconds))
         print(f"      done in {seconds:.1f} s -> {dst}", flush=True)
     return runs
+
+
+def follow(path: Path, emit: Callable[[str], None], stop: threading.Event, poll: float = 0.25) -> None:
+    """Call `emit` with each line appended to `path` until `stop` is set, then with the lines written before it.
+
+    Lines are emitted whole (a line still being written waits for its newline, or for the end), stripped, and
+    blank ones skipped; a carriage return ends a line too, so a bar that redraws in place reads as lines.
+    """
+    pending = b""
+    with open(path, "rb") as fh:
+        while True:
+            last = stop.is_set()  # read once more after stop is seen: what was written before it is caught
+            chunk = fh.read()
+            if chunk:
+                *lines, pending = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+                for line in lines:
+                    _emit_line(emit, line)
+            if last:
+                break
+            stop.wait(poll)
+    _emit_line(emit, pending)
+
+
+def _emit_line(emit: Callable[[str], None], raw: bytes) -> None:
+    line = raw.decode("utf-8", errors="replace").strip()
+    if line:
+        emit(line)
+
+
+def _print_line(line: str) -> None:
+    """Print above papermill's cell bar (tqdm clears and redraws it) where it is shown, else plainly."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+@contextmanager
+def streaming(path: Path, prefix: str, emit: Callable[[str], None] = _print_line, poll: float = 0.25) -> Iterator[None]:
+    """Print the lines appended to `path` (prefixed) from a background thread while the block runs, and the rest after."""
+    stop = threading.Event()
+    thread = threading.Thread(target=follow, args=(path, lambda line: emit(prefix + line), stop, poll),
+                              name=f"follow {Path(path).name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+@contextmanager
+def _environ(key: str, value: str) -> Iterator[None]:
+    """`os.environ[key] = value` inside the block (a kernel started in it inherits it), as before after."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def written_since(profile: str, overrides: Sequence[str], since: float) -> dict[str, list[Path]]:

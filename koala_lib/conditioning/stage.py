@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from koala_lib.config import Config
 from koala_lib.data.curate import load_curated
 from koala_lib.files import swap_in
 from koala_lib.data.schema import Record
 from koala_lib.plots import packing_efficiency, save, token_lengths
+from koala_lib.progress import bar as progress_bar
 
 from .packing import materialize, pack_plan, padding_fraction
 from .template import Example, cut_to_length, highlight_html, load_tokenizer, marked_text, template_for, tokenize
@@ -109,8 +109,13 @@ class ConditionResult:
 
 def group_key(record: Record) -> str:
     """Records from one upstream row share a key (both sides of a pair, HC3 answers to one question, split parts)."""
-    key = record.id.split("#")[0]
-    return key.rsplit(":", 1)[0] if record.source in ("hh", "webgpt", "summarize", "hc3") else key
+    return group_key_of_id(record.id, record.source)
+
+
+def group_key_of_id(record_id: str, source: str) -> str:
+    """`group_key` from a record's id and source (as stage 2's example index stores them)."""
+    key = record_id.split("#")[0]
+    return key.rsplit(":", 1)[0] if source in ("hh", "webgpt", "summarize", "hc3") else key
 
 
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -128,7 +133,7 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 def build_examples(records: list[Record], tokenizer, template, seq_len: int, rejected: Counter, progress: bool, desc: str) -> list[Example]:
     """Render, tokenize, mask and cut each record; rejections are counted by reason."""
     examples: list[Example] = []
-    bar = tqdm(total=len(records), desc=desc, unit=" records", disable=not progress, mininterval=0.5)
+    bar = progress_bar(total=len(records), desc=desc, unit="records", disable=not progress, mininterval=0.5)
     for start in range(0, len(records), BATCH):
         batch = records[start : start + BATCH]
         for record, (ids, mask, ends) in zip(batch, tokenize(tokenizer, [template.render(r) for r in batch])):
@@ -190,7 +195,7 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     ids, mask, offsets = _write_examples(tmp / "examples" / "train", train)
     lengths = np.diff(offsets)
     rows_per_epoch = []
-    for epoch in tqdm(range(c.epochs), desc="pack epochs", disable=not progress):
+    for epoch in progress_bar(range(c.epochs), desc="pack epochs", unit="epoch", disable=not progress):
         plan = pack_plan(lengths, c.seq_len, cfg.seed, epoch)
         write_rows(tmp / "train" / f"epoch_{epoch}", materialize(plan, ids, mask, offsets, c.seq_len, pad_id))
         rows_per_epoch.append(len(plan))

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from tqdm.auto import tqdm
-
 from koala_lib.config import SOURCE_NAMES, Config, ConfigError
 from koala_lib.files import atomic_text, swap_in
 from koala_lib.plots import data_composition, save
+from koala_lib.progress import bar
 
 from .clean import Deduplicator, KeywordFilter, LanguageFilter, split_long
 from .readers import RawRow, SourceFormatError, describe_origin, iter_rows
@@ -137,7 +136,7 @@ def curate_source(cfg: Config, name: str, log, progress: bool = True) -> tuple[l
     kept_rows: list[tuple[str, list[Record]]] = []
     start = time.perf_counter()
     rows: Iterable[RawRow] = iter_rows(name, src, cfg.data.max_record_bytes)
-    for raw in tqdm(rows, desc=f"curate {name}", unit=" rows", disable=not progress, mininterval=0.5):
+    for raw in bar(rows, desc=f"curate {name}", unit="rows", disable=not progress, mininterval=0.5):
         rep.read += 1
         try:
             out = _process(raw, module, src, cfg, filters, rep)

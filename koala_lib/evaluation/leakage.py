@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 from sacrebleu.metrics import BLEU
-from tqdm.auto import tqdm
 
 from koala_lib.data.readers import SourceFormatError
 from koala_lib.data.schema import Record
 from koala_lib.files import atomic_text
+from koala_lib.progress import bar as progress_bar
 
 MAX_ORDER = 4  # sacrebleu's BLEU.MAX_NGRAM_ORDER
 INDEX_ORDERS = 3  # n-gram orders held in the index (exact matches); order 4 is only bounded (cheaper to build)
@@ -141,7 +141,7 @@ class NgramIndex:
         self.first_index = np.fromiter(first.values(), np.int64, len(first))
         self.vocab: dict[str, int] = {}
         flat, self.lengths = array("q"), np.zeros(len(self.texts), np.int64)
-        bar = tqdm(self.texts, desc="leakage: tokenize", unit=" texts", disable=not progress, mininterval=0.5)
+        bar = progress_bar(self.texts, desc="leakage: tokenize", unit="texts", disable=not progress, mininterval=0.5)
         for i, text in enumerate(bar):
             ids = [self.vocab.setdefault(tok, len(self.vocab)) for tok in _tokens(self.metric, text)]
             self.lengths[i] = len(ids)
@@ -216,7 +216,7 @@ def find_leaks(queries: Sequence[tuple[str, str]], train_texts: Sequence[str], t
     index = NgramIndex(train_texts, progress=progress)
     report = LeakageReport(threshold, pairs=len(queries) * len(train_texts), train_texts=len(train_texts),
                            distinct_train_texts=len(index.texts), index_seconds=time.perf_counter() - start)
-    for qid, text in tqdm(queries, desc="leakage: queries", unit=" queries", disable=not progress, mininterval=0.5):
+    for qid, text in progress_bar(queries, desc="leakage: queries", unit="queries", disable=not progress, mininterval=0.5):
         best = None
         tokens = _tokens(index.metric, text)
         for u in index.candidates(tokens, threshold) if tokens else ():

@@ -21,13 +21,13 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from koala_lib.config import Config, check_variants
 from koala_lib.model.checkpoints import abstract_model, load_hf, model_kwargs, param_path, resolve_checkpoint, save_hf
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import LlamaConfig, from_hf_config, preset
 from koala_lib.model.sharding import LLAMA_RULES, check_divisible, make_mesh, match_rules, mesh_shape, named, path_str
+from koala_lib.progress import bar as progress_bar
 
 from . import DoesNotFit
 from .budget import device_memory, fit_message, flops_per_token, peak_flops
@@ -187,12 +187,15 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
             writer.write(json.dumps(row) + "\n")
             writer.flush()
 
-    def evaluate(step: int) -> float:
+    def evaluate(step: int) -> float | None:
         sums = np.zeros(3)
         for batch in data.eval_batches(mesh, t.eval_rows):
             sums += np.array([float(x) for x in eval_step(state["params"], batch)])
-        eval_loss = sums[0] / max(sums[2], 1.0)
-        log({"step": step, "eval_loss": round(eval_loss, 6), "eval_accuracy": round(sums[1] / max(sums[2], 1.0), 6), "eval_targets": int(sums[2])})
+        if not sums[2]:  # the variant's sources have no held-out example: no eval loss, rather than a 0
+            log({"step": step, "eval_targets": 0})
+            return None
+        eval_loss = sums[0] / sums[2]
+        log({"step": step, "eval_loss": round(eval_loss, 6), "eval_accuracy": round(sums[1] / sums[2], 6), "eval_targets": int(sums[2])})
         return eval_loss
 
     start = int(resumed or 0)
@@ -205,7 +208,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     eval_loss = None
     if start == 0:
         evaluate(0)  # the base model's eval loss, the point the curve starts from
-    bar = tqdm(total=total, initial=start, desc=f"train {name}", unit="step", disable=not progress or jax.process_index() != 0)
+    bar = progress_bar(total=total, initial=start, desc=f"train {name}", unit="step", disable=not progress or jax.process_index() != 0)
     began = time.perf_counter()
     try:
         for step in range(start, total):
@@ -224,8 +227,8 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
             last = row
             if (step + 1) % t.log_every == 0 or step + 1 == total:
                 log(row)
+            bar.set_postfix_str(f"loss {row['loss']:.3f}, {row['tokens_per_s']:.0f} tok/s", refresh=False)  # shown by update
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if on_step:
                 on_step(step + 1, row)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total:
