@@ -14,10 +14,19 @@ callback that returns True ends its row at once (finish reason "abort": a client
 Sampling follows transformers' order: temperature, then top-k, then top-p on what top-k kept. A row with
 temperature 0 is greedy. Each row draws from its own key, `fold_in(key(seed), step)`, so a request's sample
 does not depend on what else is in the batch.
+
+Log-probabilities (`Sampling(logprobs=k)`, k alternatives from 0 to 20): each step also computes, on the device,
+the log-softmax of the model's raw logits (the model's own distribution, whatever the temperature, top-k or top-p)
+at the chosen token and the 20 most likely tokens; the host reads them only when some row of the batch asked.
+`Completion.logprobs` holds one `TokenLogprob` per generated token: every token of `Completion.tokens` (those of
+a stop string too, though the text cuts it), then the EOS token when that ended the answer (as vLLM reports it:
+an answer that ends at once still has the distribution of its first token). Each `TokenEvent` carries the
+entries of the tokens generated since the row's previous event, so the events' entries add up to the list.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -29,6 +38,8 @@ from flax import nnx
 
 from koala_lib.model.llama import Llama
 
+TOP_LOGPROBS = 20  # alternatives each step computes; a row asks for 0..TOP_LOGPROBS of them
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -38,6 +49,7 @@ class Sampling:
     top_k: int = 0  # 0 = off
     stop: tuple[str, ...] = ("USER:",)  # generation ends where one of these appears; it is not returned
     seed: int = 0
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives; None = off
 
     def __post_init__(self):
         checks = {
@@ -45,6 +57,7 @@ class Sampling:
             "temperature": 0.0 <= self.temperature <= 100.0,
             "top_p": 0.0 < self.top_p <= 1.0,
             "top_k": self.top_k >= 0,
+            "logprobs": self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
         }
         for name, ok in checks.items():
             if not ok:
@@ -53,11 +66,26 @@ class Sampling:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw logits, and the most likely alternatives.
+
+    `start`/`end`: the characters of the answer's text (as generated, before a stop string is cut) that the token
+    makes; a token holding part of a multi-byte character spans that whole character."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first; `Sampling.logprobs` of them
+    start: int = 0
+    end: int = 0
+
+
+@dataclass
 class Completion:
     text: str
     tokens: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length" | "abort" (on_token returned True)
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, EOS included; None unless asked for
 
 
 @dataclass
@@ -66,6 +94,7 @@ class TokenEvent:
     delta: str  # text not reported before (held back while it could be the start of a stop string)
     finish_reason: str | None = None  # set on the row's last event
     tokens: int = 0  # tokens the row has generated so far
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens new since the row's last event (if asked)
 
 
 class PromptTooLong(ValueError):
@@ -102,6 +131,20 @@ def sample(logits, seeds, step, temperature, top_p, top_k):
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
 
+def score(logits, token, wanted):
+    """(log-probability of `token` [B], the top ids [B, K] and their log-probabilities [B, K]) under the raw
+    logits [B, V], K = TOP_LOGPROBS; zeros of the same shapes, at no cost, unless `wanted` (a traced bool)."""
+    b, k = logits.shape[0], min(TOP_LOGPROBS, logits.shape[-1])
+
+    def compute(_):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_logp, top_ids = jax.lax.top_k(logp, k)
+        return jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_logp
+
+    skip = lambda _: (jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32))
+    return jax.lax.cond(wanted, compute, skip, None)
+
+
 # ----------------------------------------------------------------------------- text on the host
 
 
@@ -124,7 +167,10 @@ class _Row:
     prompt_len: int
     limit: int  # new tokens allowed
     stops: tuple[str, ...]
+    top: int | None = None  # alternatives wanted (Sampling.logprobs)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    reported: int = 0  # entries of `logprobs` passed to the callback
     text: str = ""
     sent: int = 0  # characters reported to the callback
     finish: str | None = None
@@ -177,16 +223,18 @@ class Generator:
 
     # -- jitted pieces
 
-    def _prefill_fn(self, state, tokens, positions, valid, cache, seeds, temperature, top_p, top_k):
+    def _prefill_fn(self, state, tokens, positions, valid, cache, seeds, temperature, top_p, top_k, scored):
         model = nnx.merge(self.graphdef, state)
         logits, cache = model.extend(tokens, positions, valid, cache, 0, last_only=True)
-        return sample(logits[:, 0], seeds, 0, temperature, top_p, top_k), cache
+        token = sample(logits[:, 0], seeds, 0, temperature, top_p, top_k)
+        return token, score(logits[:, 0], token, scored), cache
 
-    def _decode_fn(self, state, token, lengths, valid, cache, index, step, seeds, temperature, top_p, top_k):
+    def _decode_fn(self, state, token, lengths, valid, cache, index, step, seeds, temperature, top_p, top_k, scored):
         model = nnx.merge(self.graphdef, state)
         valid = valid.at[:, index].set(True)
         logits, cache = model.extend(token[:, None], lengths[:, None], valid, cache, index, last_only=True)
-        return sample(logits[:, 0], seeds, step, temperature, top_p, top_k), lengths + 1, valid, cache
+        token = sample(logits[:, 0], seeds, step, temperature, top_p, top_k)
+        return token, score(logits[:, 0], token, scored), lengths + 1, valid, cache
 
     # -- the public call
 
@@ -219,7 +267,7 @@ class Generator:
         out: list[Completion] = []
         for start in range(0, len(ids), self.max_batch):
             chunk = slice(start, start + self.max_batch)
-            shifted = None if on_token is None else (lambda ev, s=start: on_token(TokenEvent(ev.row + s, ev.delta, ev.finish_reason, ev.tokens)))
+            shifted = None if on_token is None else (lambda ev, s=start: on_token(dataclasses.replace(ev, row=ev.row + s)))
             out.extend(self._generate_batch(ids[chunk], params[chunk], shifted))
         return out
 
@@ -227,7 +275,7 @@ class Generator:
         n = len(ids)
         b = bucket(n)
         t = bucket(max(len(r) for r in ids), self.min_prompt_bucket)
-        rows = [_Row(len(r), min(p.max_new_tokens, self.context - len(r)), p.stop) for r, p in zip(ids, params)]
+        rows = [_Row(len(r), min(p.max_new_tokens, self.context - len(r)), p.stop, p.logprobs) for r, p in zip(ids, params)]
         slots = bucket(t + max(r.limit for r in rows))
         tokens = np.full((b, t), self.pad_id, np.int32)
         valid = np.zeros((b, slots), bool)
@@ -242,30 +290,40 @@ class Generator:
         fill = lambda attr, default, dtype: np.array([getattr(p, attr) for p in params] + [default] * (b - n), dtype)
         seeds, temps = fill("seed", 0, np.uint32), fill("temperature", 0.0, np.float32)
         top_p, top_k = fill("top_p", 1.0, np.float32), fill("top_k", 0, np.int32)
+        scored = np.bool_(any(r.top is not None for r in rows))  # else the scores stay on the device, all zeros
         self.compiled.update({("prefill", (b, t, slots)), ("decode", (b, slots))})
 
-        token, cache = self._prefill(self.state, tokens, positions, valid, self.init_cache(b, slots), seeds, temps, top_p, top_k)
+        token, scores, cache = self._prefill(self.state, tokens, positions, valid, self.init_cache(b, slots), seeds, temps, top_p, top_k, scored)
         lengths, valid = jnp.asarray(lengths), jnp.asarray(valid)
         decode = self._decode_wide if b >= WIDE_DECODE_ROWS else self._decode
         longest = max(r.limit for r in rows)
         for step in range(1, longest + 1):
             pending = None
             if step < longest:  # dispatch the next step before reading this one
-                pending = decode(self.state, token, lengths, valid, cache, jnp.int32(t + step - 1), jnp.int32(step), seeds, temps, top_p, top_k)
+                pending = decode(self.state, token, lengths, valid, cache, jnp.int32(t + step - 1), jnp.int32(step), seeds, temps, top_p, top_k, scored)
             host = np.asarray(token)
+            chosen, top_ids, top_logp = (np.asarray(a).tolist() for a in scores) if scored else (None, None, None)
             for i, row in enumerate(rows):
                 if row.finish is None:
-                    self._advance(i, row, int(host[i]), on_token)
+                    entry = None if row.top is None else TokenLogprob(int(host[i]), chosen[i], list(zip(top_ids[i][: row.top], top_logp[i][: row.top])))
+                    self._advance(i, row, int(host[i]), on_token, entry)
             if all(r.finish for r in rows) or pending is None:
                 break
-            token, lengths, valid, cache = pending
-        return [Completion(r.text, r.tokens, r.finish or "length", r.prompt_len) for r in rows]
+            token, scores, lengths, valid, cache = pending
+        return [Completion(r.text, r.tokens, r.finish or "length", r.prompt_len, None if r.top is None else r.logprobs) for r in rows]
 
-    def _advance(self, i: int, row: _Row, token: int, on_token) -> None:
+    def _advance(self, i: int, row: _Row, token: int, on_token, entry: TokenLogprob | None = None) -> None:
+        done = len(row.text.rstrip("\ufffd"))  # characters complete before this token
+        if entry is not None:
+            entry.start = entry.end = done
+            row.logprobs.append(entry)
         if token in self.eos_ids:
             return self._finish(i, row, "stop", on_token)
         row.tokens.append(token)
         row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if entry is not None:  # a trailing partial character counts as one
+            whole = row.text.rstrip("\ufffd")
+            entry.end = max(done, len(whole) + (len(whole) < len(row.text)))
         for stop in row.stops:
             cut = row.text.find(stop)
             if cut >= 0:
@@ -275,7 +333,7 @@ class Generator:
             return self._finish(i, row, "length", on_token)
         ready = len(row.text) - held_back(row.text, row.stops)
         if on_token is not None and ready > row.sent:
-            abort = on_token(TokenEvent(i, row.text[row.sent:ready], None, len(row.tokens)))
+            abort = on_token(TokenEvent(i, row.text[row.sent:ready], None, len(row.tokens), self._unreported(row)))
             row.sent = ready
             if abort:
                 row.text = row.text[:ready]
@@ -285,5 +343,10 @@ class Generator:
         row.text = row.text.rstrip("\ufffd")
         row.finish = reason
         if on_token is not None:
-            on_token(TokenEvent(i, row.text[row.sent:], reason, len(row.tokens)))
+            on_token(TokenEvent(i, row.text[row.sent:], reason, len(row.tokens), self._unreported(row)))
             row.sent = len(row.text)
+
+    @staticmethod
+    def _unreported(row: _Row) -> list[TokenLogprob]:
+        entries, row.reported = row.logprobs[row.reported:], len(row.logprobs)
+        return entries

@@ -4,13 +4,22 @@
     with serving(app) as url:                                         # uvicorn on 127.0.0.1, a free port
         OpenAI(base_url=f"{url}/v1", api_key="-").chat.completions.create(model="koala-all", messages=[...])
 
-Routes: `POST /v1/chat/completions` (messages rendered with the Koala template, the positive marker last),
+Routes: `POST /v1/chat/completions` (messages rendered with the Koala template, the positive marker last, or
+with the model's own chat template where `generate.native_template` says so: the base instruct model),
 `POST /v1/completions` (a raw prompt), `GET /v1/models`, `GET /health`, and the chat page `GET /`.
 `stream: true` answers with server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 
 Errors are OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for malformed JSON,
 wrong types, a prompt longer than the context or a flagged request; 401 for a missing or wrong API key
 (when one is set); 404 for an unknown model; 429 when the request queue is full. The server keeps serving.
+
+Log-probabilities, as OpenAI's API gives them (`koala_lib/token_text.py` shapes them): chat takes `logprobs: true`
+and `top_logprobs` (0-20; without `logprobs: true`, a 400) and answers `choices[0].logprobs.content`, one entry
+(`token`, `logprob`, `bytes`, `top_logprobs`) per generated token; `/v1/completions` takes `logprobs` (0-20) and
+answers the legacy `tokens`, `token_logprobs`, `top_logprobs`, `text_offset` (from the start of the prompt). The
+values are the model's own log-softmax whatever the sampling settings; the token that ended the answer (EOS) and
+the tokens of a stop string are reported too. A stream sends each token's entry with the chunk whose text completes
+that token, so the chunks' entries add up to the whole answer's.
 
 Moderation: `moderation(text)` returns a reason to refuse, or None. It checks the request's text before
 anything is queued (400, code `content_filter`) and the answer as it grows (the answer ends there, with
@@ -38,10 +47,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from koala_lib.batching import Batcher, Job, QueueFull
+from koala_lib.chat_format import KoalaChat, NativeChat
 from koala_lib.conditioning.template import Template
 from koala_lib.config import ConfigError
 from koala_lib.data.schema import Turn
-from koala_lib.generate import Generator, PromptTooLong, Sampling, TokenEvent
+from koala_lib.generate import TOP_LOGPROBS, Generator, PromptTooLong, Sampling, TokenEvent, TokenLogprob
+from koala_lib.token_text import TokenText, chat_logprobs, legacy_logprobs
 
 Moderation = Callable[[str], Union[str, None]]
 
@@ -72,6 +83,9 @@ class _Body(BaseModel):
     n: int = Field(1, ge=1, le=1)  # one choice per request
     seed: int | None = None
 
+    def logprob_count(self) -> int | None:  # Sampling.logprobs: alternatives per token, None = no logprobs
+        return None
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -81,10 +95,21 @@ class Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(_Body):
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)  # the legacy API's: alternatives per token
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ApiError(Exception):
@@ -97,8 +122,8 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def conversation(messages: list[Message]) -> tuple[list[Turn], str]:
-    """(history, query) from chat messages: system text opens the first user turn; turns must alternate."""
+def conversation(messages: list[Message]) -> tuple[str, list[Turn], str]:
+    """(system text, history, query) from chat messages; turns after the system messages must alternate."""
     system = "\n\n".join(m.content for m in messages if m.role == "system")
     turns = [m for m in messages if m.role != "system"]
     if not turns or turns[-1].role != "user":
@@ -107,10 +132,8 @@ def conversation(messages: list[Message]) -> tuple[list[Turn], str]:
         if m.role != ("user" if i % 2 == 0 else "assistant"):
             raise ApiError(400, f"messages must alternate user and assistant; message {i} is {m.role!r}", param="messages")
     texts = [m.content for m in turns]
-    if system:
-        texts[0] = f"{system}\n\n{texts[0]}"
     history = [Turn("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts[:-1])]
-    return history, texts[-1]
+    return system, history, texts[-1]
 
 
 # ----------------------------------------------------------------------------- the app
@@ -118,7 +141,7 @@ def conversation(messages: list[Message]) -> tuple[list[Turn], str]:
 
 def create_app(
     generator: Generator,
-    template: Template,
+    template: Template | KoalaChat | NativeChat,
     *,
     model_name: str,
     api_key: str | None = None,
@@ -127,10 +150,12 @@ def create_app(
     default_max_tokens: int = 256,
     max_batch: int | None = None,
 ) -> FastAPI:
-    """The server's app; its batcher starts now and stops when the app shuts down."""
+    """The server's app; its batcher starts now and stops when the app shuts down. Chat messages are rendered with
+    `template`: Koala's (a Template), or a chat format of koala_lib.chat_format (e.g. the model's own template)."""
     batcher = Batcher(generator, max_batch=max_batch or generator.max_batch, max_queue=max_queue)
     check = moderation or (lambda text: None)
-    stops = (template.cfg.user_marker,)
+    chat = KoalaChat(template, generator.tokenizer, (template.cfg.user_marker,)) if isinstance(template, Template) else template
+    names = TokenText(generator.tokenizer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -172,14 +197,14 @@ def create_app(
     async def chat_page():
         return (resources.files("koala_lib") / "static" / "chat.html").read_text(encoding="utf-8")
 
-    def prepare(body: _Body, text: str, said: str, extra_stops: tuple[str, ...]) -> tuple[list[int], Sampling]:
+    def prepare(body: _Body, text: Callable[[], list[int]], said: str, extra_stops: tuple[str, ...]) -> tuple[list[int], Sampling]:
         """Token ids and sampling settings of a request; `said` is what the client wrote (moderated)."""
         if body.model != model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server has {model_name!r}", code="model_not_found", param="model")
         reason = check(said)
         if reason:
             raise ApiError(400, f"the request was refused by the moderation check: {reason}", code="content_filter")
-        ids = generator.encode(text)
+        ids = text()
         try:
             generator.check_prompt(ids)
         except PromptTooLong as exc:
@@ -188,26 +213,32 @@ def create_app(
         sampling = Sampling(
             max_new_tokens=body.max_tokens or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
             stop=tuple(dict.fromkeys([*extra_stops, *requested])), seed=body.seed if body.seed is not None else int(time.time_ns() % 2**31),
+            logprobs=body.logprob_count(),
         )
         return ids, sampling
 
     async def run(ids: list[int], sampling: Sampling):
-        """Queue a job and yield (text delta, finish reason or None, tokens so far) as the worker produces them."""
+        """Queue a job and yield (text delta, finish reason or None, tokens so far, logprob entries) as the worker
+        produces them; a token's entry goes with the delta that completes its text."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         text = {"sent": "", "held": ""}  # text passed to the client, and a trailing partial word held back
+        held: list[TokenLogprob] = []  # entries of tokens whose text is not all passed on yet
 
         def on_event(event: TokenEvent | None) -> bool:
             if event is None:
                 loop.call_soon_threadsafe(events.put_nowait, None)
                 return False
             whole = text["sent"] + text["held"] + event.delta
-            if check(whole):  # the flagged word never reaches the client: only whole words are passed on
-                loop.call_soon_threadsafe(events.put_nowait, ("", "content_filter", event.tokens))
+            held.extend(event.logprobs)
+            if check(whole):  # the flagged word never reaches the client (nor its tokens): only whole words are passed on
+                loop.call_soon_threadsafe(events.put_nowait, ("", "content_filter", event.tokens, []))
                 return True
             cut = len(whole) if event.finish_reason else max(whole.rfind(" "), whole.rfind("\n"), len(text["sent"]) - 1) + 1
             delta, text["sent"], text["held"] = whole[len(text["sent"]):cut], whole[:cut], whole[cut:]
-            loop.call_soon_threadsafe(events.put_nowait, (delta, event.finish_reason, event.tokens))
+            ready = len(held) if event.finish_reason else next((k for k, e in enumerate(held) if e.end > cut), len(held))
+            entries, held[:] = held[:ready], held[ready:]
+            loop.call_soon_threadsafe(events.put_nowait, (delta, event.finish_reason, event.tokens, entries))
             return False
 
         try:
@@ -225,29 +256,37 @@ def create_app(
         finally:
             job.cancelled = True  # a client that left, or a finished job: either way nothing more is wanted
 
-    async def respond(body: _Body, ids: list[int], sampling: Sampling, chat: bool):
+    async def respond(body: _Body, ids: list[int], sampling: Sampling, chat: bool, prompt: str = ""):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model_name}
         stream = run(ids, sampling)
         first = await stream.__anext__()  # errors (429, ...) surface before any byte is sent
+
+        def logprobs(entries: list[TokenLogprob]) -> dict | None:
+            if sampling.logprobs is None:
+                return None
+            return {"content": chat_logprobs(entries, names)} if chat else legacy_logprobs(entries, names, len(prompt))
+
         if not body.stream:
-            parts, finish, used = [first[0]], first[1], first[2]
+            parts, finish, used, entries = [first[0]], first[1], first[2], list(first[3])
             if finish is None:
-                async for delta, finish, used in stream:
+                async for delta, finish, used, more in stream:
                     parts.append(delta)
+                    entries.extend(more)
             text = "".join(parts)
-            choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs(entries)}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             usage = {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}
             return JSONResponse({**head, "choices": [choice], "usage": usage})
 
-        def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+        def chunk(delta: str | None, finish: str | None, role: bool = False, entries: list[TokenLogprob] | None = None) -> str:
+            scores = logprobs(entries) if entries else None
             if chat:
                 piece = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": piece, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": piece, "finish_reason": finish, "logprobs": scores}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": scores}
             return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk' if chat else 'text_completion', 'choices': [choice]})}\n\n"
 
         async def events():
@@ -256,9 +295,9 @@ def create_app(
                     yield chunk(None, None, role=True)
                 item = first
                 while True:
-                    delta, finish, _ = item
-                    if delta:
-                        yield chunk(delta, None)
+                    delta, finish, _, entries = item
+                    if delta or entries:  # entries of the answer's last tokens (EOS) come before the final chunk
+                        yield chunk(delta, None, entries=entries)
                     if finish is not None:
                         yield chunk(None, finish)
                         break
@@ -273,15 +312,15 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
-        history, query = conversation(body.messages)
+        system, history, query = conversation(body.messages)
         said = "\n".join(m.content for m in body.messages)
-        ids, sampling = prepare(body, template.prompt(history, query), said, stops)
+        ids, sampling = prepare(body, lambda: chat.prompt_ids(history, query, system), said, chat.stops)
         return await respond(body, ids, sampling, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        ids, sampling = prepare(body, body.prompt, body.prompt, ())
-        return await respond(body, ids, sampling, chat=False)
+        ids, sampling = prepare(body, lambda: generator.encode(body.prompt), body.prompt, ())
+        return await respond(body, ids, sampling, chat=False, prompt=body.prompt)
 
     return app
 
@@ -321,23 +360,24 @@ def app_for_profile(cfg, model: str | None = None, checkpoint: str | None = None
     """The app for one of the profile's models (`base`, a variant, a `generate.extra` name; default: the first
     variant stage 3 has exported, else base), or for any Hugging Face folder / `default` given as `checkpoint`."""
     from koala_lib.answers import Answerer, answerers, load_generator
-    from koala_lib.conditioning.template import template_for
+    from koala_lib.chat_format import format_for
     from koala_lib.model.checkpoints import resolve_checkpoint
     from koala_lib.train.data import variant_name
 
     if checkpoint:
         folder = resolve_checkpoint(checkpoint)
-        who = Answerer(model or folder.name, "checkpoint", folder)
+        who = Answerer(model or folder.name, "checkpoint", folder, extra=True)
     else:
         if model is None:
             trained = [v for v in cfg.variants if (cfg.run_dir / "train" / variant_name(v) / "hf" / "config.json").is_file()]
             model = trained[0] if trained else "base"
         who = answerers(cfg, [model])[0]
-        if who.kind == "outputs":
-            raise ConfigError(f"--model: {model!r} is a file of answers, not a model that can be served")
+        if who.kind in ("outputs", "openai"):
+            raise ConfigError(f"--model: {model!r} is {'a file of answers' if who.kind == 'outputs' else 'a model behind another endpoint'}, not a model that can be served")
     gen = load_generator(cfg, who)
     words = cfg.generate.moderation_words
-    return create_app(gen, template_for(cfg, gen.tokenizer), model_name=who.name, api_key=api_key,
+    chat = format_for(cfg, who.name, gen.tokenizer, who.extra, who.stand_in)  # the base model: its own chat template
+    return create_app(gen, chat, model_name=who.name, api_key=api_key,
                       moderation=word_list(words) if words else None, max_queue=cfg.generate.max_queue,
                       default_max_tokens=cfg.generate.max_new_tokens)
 
