@@ -4,13 +4,16 @@
     result.table(); result.examples(); result.metrics()
 
 Models ("answerers"): `base` (the profile's base model), each fine-tuned variant (stage 3's Hugging Face
-export, `runs/<P>/train/<variant>/hf`), and any `generate.extra` entry `NAME=PATH`: a Hugging Face folder, or a
-file of answers someone else produced (AlpacaEval's format), which is checked and copied in.
+export, `runs/<P>/train/<variant>/hf`), and any `generate.extra` entry `NAME=WHAT`: a Hugging Face folder, a
+file of answers someone else produced (AlpacaEval's format, checked and copied in), `openai:MODEL` (a model
+behind an OpenAI-compatible endpoint, e.g. ChatGPT), or `base` (the profile's base model answering under NAME as
+a labelled stand-in, e.g. for ChatGPT in offline profiles). `models.json` beside the answers says what each is.
 
 Each file is a JSON list with one object per prompt: `instruction`, `output`, `generator`, `dataset` (the
 fields AlpacaEval reads; `dataset` is `koala` for the Koala test set and `selfinstruct` for the Alpaca test
-set, AlpacaEval's names), plus `id`, `test_set` and `finish_reason` for stage 5. Prompts are rendered with
-stage 2's template and the positive marker, exactly as in training.
+set, AlpacaEval's names), plus `id`, `test_set` and `finish_reason` for stage 5. A fine-tuned model's prompts are rendered
+with stage 2's template and the positive marker, exactly as in training; a model that was not fine-tuned on it
+answers through its own chat template where `generate.native_template` says so (koala_lib/chat_format.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from koala_lib.config import Config, ConfigError
+from koala_lib.config import Config, ConfigError, resolve_path
 from koala_lib.files import atomic_text
 from koala_lib.testsets import TEST_SETS, TestPrompt, load_test_set
 
@@ -31,8 +34,26 @@ REQUIRED = ("instruction", "output", "generator")
 @dataclass(frozen=True)
 class Answerer:
     name: str
-    kind: str  # "base" | "checkpoint" | "outputs"
-    path: Path | None  # a Hugging Face folder or an outputs file; None for a random-init base
+    kind: str  # "base" | "checkpoint" | "outputs" | "openai"
+    path: Path | None  # a Hugging Face folder or an outputs file; None for a random-init base or an endpoint
+    extra: bool = False  # a `generate.extra` entry
+    stand_in: bool = False  # the base model answering under another model's name
+    model: str = ""  # `openai`: the endpoint's model name
+
+    def describe(self, cfg: Config) -> dict:
+        """What the model is, for `models.json` and the labels of tables and figures."""
+        what = {"base": f"base model {cfg.model.base}", "checkpoint": f"Hugging Face folder {self.path}",
+                "outputs": f"answers file {self.path}", "openai": f"openai:{self.model} at {cfg.generate.endpoint.base_url}"}[self.kind]
+        if self.stand_in:
+            what = f"stand-in: {base_label(cfg)}"
+        return {"name": self.name, "kind": self.kind, "what": what, "stand_in": self.stand_in}
+
+
+def base_label(cfg: Config) -> str:
+    """The base model's readable name (`default` is the embedded SmolLM2-135M-Instruct)."""
+    if cfg.model.init == "random":
+        return f"random {cfg.model.preset} model"
+    return "SmolLM2-135M-Instruct" if cfg.model.base == "default" else Path(cfg.model.base).name
 
 
 def answerers(cfg: Config, only: list[str] | None = None) -> list[Answerer]:
@@ -43,28 +64,34 @@ def answerers(cfg: Config, only: list[str] | None = None) -> list[Answerer]:
     out: list[Answerer] = []
     extra_names = {e.partition("=")[0].strip() for e in cfg.generate.extra}
     names = [n for n in only if n not in extra_names] if only is not None else list(cfg.generate.models or ("base", *cfg.variants))
+    base_path = lambda: None if cfg.model.init == "random" else _base_folder(cfg)
     for name in names:
         if name == "base":
-            path = None if cfg.model.init == "random" else _base_folder(cfg)
-            out.append(Answerer("base", "base", path))
+            out.append(Answerer("base", "base", base_path()))
             continue
         folder = cfg.run_dir / "train" / variant_name(name) / "hf"
         if not (folder / "config.json").is_file():
             raise ConfigError(f"generate.models: {name!r} has no fine-tuned model at {folder}; run `koala train --profile {cfg.profile} --variant {name}` first")
         out.append(Answerer(variant_name(name), "checkpoint", folder))
     for entry in cfg.generate.extra:
-        name, sep, path = entry.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ConfigError(f"generate.extra: {entry!r} is not NAME=PATH")
-        if only is not None and name.strip() not in only:
+        name, sep, what = (x.strip() for x in entry.partition("="))
+        if not sep or not name or not what:
+            raise ConfigError(f"generate.extra: {entry!r} is not NAME=WHAT (a folder, an answers file, openai:MODEL or base)")
+        if only is not None and name not in only:
             continue
-        p = Path(path.strip()).expanduser()
-        if p.is_dir():
-            out.append(Answerer(name.strip(), "checkpoint", p))
+        p = resolve_path(what)  # relative to the kit root, as runs_dir is
+        if what == "base":
+            out.append(Answerer(name, "base", base_path(), extra=True, stand_in=True))
+        elif what.startswith("openai:"):
+            if not what[len("openai:"):].strip():
+                raise ConfigError(f"generate.extra: {entry!r}: openai: needs a model name, e.g. {name}=openai:gpt-3.5-turbo")
+            out.append(Answerer(name, "openai", None, extra=True, model=what[len("openai:"):].strip()))
+        elif p.is_dir():
+            out.append(Answerer(name, "checkpoint", p, extra=True))
         elif p.is_file():
-            out.append(Answerer(name.strip(), "outputs", p))
+            out.append(Answerer(name, "outputs", p, extra=True))
         else:
-            raise ConfigError(f"generate.extra: {name.strip()!r}: {p} is neither a Hugging Face folder nor an outputs file")
+            raise ConfigError(f"generate.extra: {name!r}: {p} is neither a Hugging Face folder nor an outputs file (nor openai:MODEL or base)")
     names = [a.name for a in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"generate: two models share a name: {names}")
@@ -98,33 +125,37 @@ def load_generator(cfg: Config, who: Answerer):
     return Generator(model, tokenizer, max_batch=cfg.generate.batch_size)
 
 
-def sampling(cfg: Config):
+def sampling(cfg: Config, stops: tuple[str, ...] | None = None):
     from koala_lib.generate import Sampling
 
     g = cfg.generate
-    return Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, stop=g.stop, seed=cfg.seed)
+    return Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                    stop=tuple(g.stop if stops is None else stops), seed=cfg.seed)
 
 
 def generate_answers(cfg: Config, who: Answerer, prompts: list[TestPrompt], progress: bool = True) -> tuple[list[dict], dict]:
     """(AlpacaEval rows, timing) for one model over the prompts."""
-    from tqdm.auto import tqdm
-
-    from koala_lib.conditioning.template import template_for
+    from koala_lib.chat_format import format_for
+    from koala_lib.progress import bar
 
     gen = load_generator(cfg, who)
-    template = template_for(cfg, gen.tokenizer)
-    texts = [template.prompt([], p.instruction) for p in prompts]
+    fmt = format_for(cfg, who.name, gen.tokenizer, who.extra, who.stand_in)
+    ids = [fmt.prompt_ids([], p.instruction) for p in prompts]
+    params = sampling(cfg, fmt.stops)
     rows, tokens, began = [], 0, time.perf_counter()
     batch = cfg.generate.batch_size
-    with tqdm(total=len(prompts), desc=f"answers: {who.name}", unit="prompt", disable=not progress) as bar:
+    with bar(total=len(prompts), desc=f"answers: {who.name}", unit="prompt", disable=not progress) as shown:
         for start in range(0, len(prompts), batch):
-            outs = gen.generate(texts[start:start + batch], sampling(cfg))
+            outs = gen.generate(ids[start:start + batch], params)
             for p, out in zip(prompts[start:start + batch], outs):
                 rows.append(_row(p, out.text.strip(), who.name, out.finish_reason))
                 tokens += len(out.tokens)
-            bar.update(len(outs))
+            seconds = time.perf_counter() - began
+            shown.set_postfix_str(f"{tokens / max(seconds, 1e-9):.0f} tok/s", refresh=False)
+            shown.update(len(outs))
     seconds = time.perf_counter() - began
-    return rows, {"seconds": round(seconds, 2), "new_tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+    return rows, {"seconds": round(seconds, 2), "new_tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+                  "prompt_format": fmt.name}
 
 
 def _row(p: TestPrompt, output: str, generator: str, finish: str | None) -> dict:
@@ -206,6 +237,12 @@ class AnswersResult:
                 "test_sets": self.test_sets, "prompts": len(self.prompts)}
 
 
+def read_models(cfg: Config) -> dict[str, dict]:
+    """`generations/models.json`: name -> what the model is (`what`, `stand_in`, `prompt_format`); {} before stage 4."""
+    path = cfg.run_dir / "generations" / "models.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def load_prompts(cfg: Config) -> tuple[list[TestPrompt], dict[str, dict]]:
     prompts, info = [], {}
     for name in TEST_SETS:
@@ -223,17 +260,26 @@ def answer_all(cfg: Config, models: list[str] | None = None, progress: bool = Tr
     result = AnswersResult(cfg, prompts, test_sets=info)
     out_dir = cfg.run_dir / "generations"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for who in answerers(cfg):
-        if models and who.name not in models:
-            continue
+    described = {}
+    for who in answerers(cfg, list(models) if models else None):
         if who.kind == "outputs":
             rows, stats = read_outputs(who.path, who.name, prompts)
+        elif who.kind == "openai":
+            from koala_lib.endpoint_answers import endpoint_answers
+
+            answered, stats = endpoint_answers(cfg, who.model, prompts, progress=progress)
+            rows = [_row(p, text.strip(), who.name, finish) for p, text, finish in answered]
         else:
             rows, stats = generate_answers(cfg, who, prompts, progress)
         path = out_dir / f"{who.name}.json"
         atomic_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
         result.files[who.name], result.rows[who.name], result.stats[who.name] = path, rows, stats
-        print(f"{who.name}: {len(rows)} answers -> {path}" + (f" ({stats['tokens_per_s']} tokens/s)" if "tokens_per_s" in stats else ""))
+        described[who.name] = {**who.describe(cfg), "prompt_format": stats.get("prompt_format")}
+        failed = sum(stats.get("failed", {}).values())
+        print(f"{who.name}: {len(rows)} answers -> {path}" + (f" ({stats['tokens_per_s']} tokens/s)" if "tokens_per_s" in stats else "")
+              + (f"; {failed} requests failed" if failed else ""))
+    known = read_models(cfg)
+    atomic_text(out_dir / "models.json", json.dumps({**known, **described}, indent=2) + "\n")
     if result.files:
         save(result.figure(), cfg.figures_path / "example_generations.png")
     return result

@@ -3,6 +3,7 @@
     koala leakage --profile demo                      # test prompts vs the curated data -> runs/demo/eval/leakage.json
     koala leakage --queries Q.jsonl --train runs/demo/data/curated --out leaks.json
     koala judge --profile demo                        # the LLM judge, both orders -> runs/demo/eval/judgments/llm.jsonl
+    koala judge calibrate --profile demo              # its agreement with held-out human labels -> runs/demo/eval/calibration.json
     koala rate init --profile demo --raters alice,bob # a blind rating study; prints each rater's link
     koala rate serve --profile demo --port 8001
     koala rate export --profile demo                  # -> runs/demo/eval/judgments/raters.jsonl
@@ -47,6 +48,16 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from koala_lib.evaluation.stage import run_judge
 
+    if args.action == "calibrate":
+        from koala_lib.evaluation.calibration import calibrate, calibration_path
+
+        cfg = _cfg(args)
+        cal = calibrate(cfg, progress=not args.quiet)
+        per_source = ", ".join(f"{k} {v['pairs']}" for k, v in cal.by_source.items())
+        print(f"{cal.pairs} pairs ({per_source}): {cal.agree} agree, "
+              f"{cal.disagree} disagree, {cal.ties} ties, {cal.no_verdict} without a verdict; the answer shown first won "
+              f"{'-' if cal.first_shown_wins is None else f'{cal.first_shown_wins:.1f} %'} of decisive games -> {calibration_path(cfg)}")
+        return 0
     judged = run_judge(_cfg(args), progress=not args.quiet)
     r = judged.result
     print(f"judge {r.judge}{' (weak)' if judged.weak else ''}: {len(r.judgments)} pairs in {r.seconds:.1f} s; "
@@ -152,6 +163,8 @@ def register(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     p.set_defaults(func=cmd_leakage)
 
     p = sub.add_parser("judge", help="stage 5: an LLM judge over an OpenAI-compatible endpoint (eval.judge), both orders per pair")
+    p.add_argument("action", nargs="?", choices=["calibrate"],
+                   help="calibrate: judge held-out human-labelled pairs (eval.calibration) and report the agreement")
     common(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_judge)

@@ -166,23 +166,44 @@ class JudgeConfig:
     base_url: str = doc("", "an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1; empty = the kit's own server running the base model (offline, a weak judge)")
     model: str = doc("", "the judge model's name at that endpoint; empty = the model the endpoint serves")
     api_key_env: str = doc("OPENAI_API_KEY", "environment variable that holds the endpoint's API key")
-    max_tokens: int = doc(512, "reply tokens per judgment at most (the verdict comes last)")
+    mode: Literal["auto", "logprobs", "text"] = doc("auto", "how a verdict is read: logprobs (one-token verdict, probabilities of A/B/C), text ([[A]]/[[B]]/[[C]] after reasoning), or auto (logprobs when the endpoint returns them)")
+    top_logprobs: int = doc(20, "logprobs mode: alternatives asked for at the verdict token (0-20)")
+    tie_margin: float = doc(0.05, "logprobs mode: a pair is a tie when the soft preference for model A is within this of 0.5")
+    max_tokens: int = doc(512, "text mode: reply tokens per judgment at most (the verdict comes last)")
+    max_answer_chars: int = doc(4000, "each question and answer shown to the judge is cut to this many characters (marked as cut)")
     concurrency: int = doc(8, "judge requests in flight at once")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    sources: tuple[str, ...] = doc(("hh", "webgpt", "summarize"), "human-labelled preference sources whose pairs calibrate the judge")
+    pairs: int = doc(200, "labelled pairs judged at most (a seeded sample of stage 2's eval split)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     test_sets: TestSetsConfig = doc(TestSetsConfig, "the prompts every model answers")
     leakage_threshold: float = doc(20.0, "a test query whose sentence BLEU with a training user turn exceeds this is removed")
-    comparisons: tuple[str, ...] = doc((), "pairs to judge as A:B (stage 4 model names); empty = the first variant against every other model")
+    comparisons: tuple[str, ...] = doc((), "pairs to judge as A:B (stage 4 model names); empty = the blog's: the first variant against alpaca, koala_distill and chatgpt, those of them that answered (against every other model when none did)")
     judge: JudgeConfig = doc(JudgeConfig, "the LLM judge (`koala judge`)")
+    calibration: CalibrationConfig = doc(CalibrationConfig, "the judge's agreement with human labels (`koala judge calibrate`), on held-out pairs only")
     bootstrap: int = doc(1000, "bootstrap replicates (resampling prompts) for every interval")
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    base_url: str = doc("https://api.openai.com/v1", "an OpenAI-compatible endpoint that answers `openai:MODEL` answerers")
+    api_key_env: str = doc("OPENAI_API_KEY", "environment variable that holds the endpoint's API key")
+    max_retries: int = doc(3, "retries per request (with the client's backoff) before the answer is counted as failed")
+    concurrency: int = doc(8, "requests in flight at once")
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     models: tuple[str, ...] = doc((), "models that answer: `base` and fine-tuned variants by name; empty = base and every train variant")
-    extra: tuple[str, ...] = doc((), "more answerers as NAME=PATH: a Hugging Face folder, or an outputs file in AlpacaEval's format")
+    extra: tuple[str, ...] = doc((), "more answerers as NAME=WHAT: a Hugging Face folder, an outputs file in AlpacaEval's format, openai:MODEL (an OpenAI-compatible endpoint, `generate.endpoint`), or base (the profile's base model as a labelled stand-in for NAME)")
+    native_template: tuple[str, ...] = doc(("base",), "models (by name, or `extra` for every generate.extra model) that answer through their tokenizer's own chat template when it has one, instead of Koala's")
+    endpoint: EndpointConfig = doc(EndpointConfig, "the OpenAI-compatible endpoint of `openai:MODEL` answerers")
     max_new_tokens: int = doc(256, "new tokens per answer at most")
     temperature: float = doc(0.0, "sampling temperature; 0 = greedy (reproducible answers)")
     top_p: float = doc(1.0, "nucleus sampling mass; 1 = off")
@@ -305,6 +326,14 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
     cfg.data.source_names()  # validates the mixture
     if cfg.eval.bootstrap < 1:
         raise ConfigError(f"eval.bootstrap: {cfg.eval.bootstrap} replicates; it must be at least 1")
+    j = cfg.eval.judge
+    if not 0 <= j.top_logprobs <= 20:
+        raise ConfigError(f"eval.judge.top_logprobs: {j.top_logprobs}; allowed 0 to 20 (OpenAI's limit)")
+    if not 0.0 <= j.tie_margin < 0.5:
+        raise ConfigError(f"eval.judge.tie_margin: {j.tie_margin}; allowed 0 <= tie_margin < 0.5")
+    for name in cfg.eval.calibration.sources:
+        if name not in ("hh", "webgpt", "summarize"):
+            raise ConfigError(f"eval.calibration.sources: {name!r} has no human preference labels (allowed: hh, webgpt, summarize)")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
     return cfg

@@ -21,7 +21,9 @@ def test_default_answerers_are_base_and_every_variant_and_need_stage_3(make_cfg)
     cfg = make_cfg("smoke")
     with pytest.raises(ConfigError, match=r"'koala_all' has no fine-tuned model at .*train/koala_all/hf; run `koala train"):
         answerers(cfg)
-    assert [(a.name, a.kind, a.path) for a in answerers(make_cfg("smoke", "generate.models=[base]"))] == [("base", "base", None)]
+    # smoke's `generate.extra` has the base model stand in for ChatGPT, as the demo does
+    assert [(a.name, a.kind, a.path, a.stand_in) for a in answerers(make_cfg("smoke", "generate.models=[base]"))] == [
+        ("base", "base", None, False), ("chatgpt", "base", None, True)]
 
 
 def test_extra_answerers_name_a_folder_or_a_file(make_cfg, tmp_path):
@@ -29,7 +31,7 @@ def test_extra_answerers_name_a_folder_or_a_file(make_cfg, tmp_path):
     (tmp_path / "alpaca.json").write_text("[]")
     cfg = make_cfg("smoke", "generate.models=[base]", f"generate.extra=[mine={tmp_path / 'hf'}, alpaca={tmp_path / 'alpaca.json'}]")
     assert [(a.name, a.kind) for a in answerers(cfg)] == [("base", "base"), ("mine", "checkpoint"), ("alpaca", "outputs")]
-    for bad, message in [("nameonly", "is not NAME=PATH"), (f"x={tmp_path / 'nope'}", "neither a Hugging Face folder nor an outputs file"),
+    for bad, message in [("nameonly", "is not NAME=WHAT"), ('"x=openai:"', "openai: needs a model name"), (f"x={tmp_path / 'nope'}", "neither a Hugging Face folder nor an outputs file"),
                          (f"base={tmp_path / 'alpaca.json'}", "two models share a name")]:
         with pytest.raises(ConfigError, match=message):
             answerers(make_cfg("smoke", "generate.models=[base]", f"generate.extra=[{bad}]"))

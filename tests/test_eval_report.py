@@ -61,7 +61,10 @@ def test_the_blog_numbers_are_the_published_ones():
 
 def test_comparisons_default_and_from_config(make_cfg):
     cfg = make_cfg("smoke")
-    assert comparisons(cfg, ["base", "koala_all", "koala_distill"]) == [("koala_all", "base"), ("koala_all", "koala_distill")]
+    # the blog's opponents among those that answered; the base model is not one of them
+    assert comparisons(cfg, ["base", "koala_all", "koala_distill"]) == [("koala_all", "koala_distill")]
+    assert comparisons(cfg, ["alpaca", "base", "chatgpt", "koala_all"]) == [("koala_all", "alpaca"), ("koala_all", "chatgpt")]
+    assert comparisons(cfg, ["base", "koala_all", "mine"]) == [("koala_all", "base"), ("koala_all", "mine")]  # none of them
     cfg = make_cfg("smoke", "eval.comparisons=[koala_distill:base]")
     assert comparisons(cfg, ["base", "koala_all", "koala_distill"]) == [("koala_distill", "base")]
     with pytest.raises(ConfigError, match="no answers from 'gpt4'"):
@@ -126,3 +129,42 @@ def test_a_judge_without_verdicts_gives_an_empty_panel_not_a_crash(make_cfg):
     assert texts.count("no judgments") == 2
     assert "2 without a verdict (left out)" in rep.figure_ours.subfigs[1]._supxlabel.get_text()
     assert (cfg.figures_path / "win_tie_lose.png").stat().st_size > 10_000
+
+
+def test_soft_preferences_length_control_stand_ins_and_the_judge_line(make_cfg):
+    cfg = make_cfg("smoke")
+    folder = cfg.run_dir / "eval"
+    folder.mkdir(parents=True)
+    ids = [f"k{i}" for i in range(12)]
+    (folder / "leakage.json").write_text(json.dumps({"threshold": 20.0, "removed": [], "kept": [f"koala/{i}" for i in ids]}))
+    (folder / "judge.json").write_text(json.dumps({"judge": "big (endpoint)", "weak": False, "mode": "logprobs",
+                                                   "outcomes": {"consistent": 12}}))
+    (folder / "calibration.json").write_text(json.dumps({"pairs": 100, "judged": 96, "agreement": 61.5, "agreement_ci": [52.1, 70.8],
+                                                         "line": "x"}))
+    gen = cfg.run_dir / "generations"
+    gen.mkdir(parents=True)
+    # koala_all's answers are long on half the prompts; the judge prefers exactly those (a pure length bias)
+    long = {i: i % 2 == 0 for i in range(12)}
+    for model, size in (("koala_all", lambda i: 900 if long[i] else 100), ("chatgpt", lambda i: 300 + 10 * i)):
+        (gen / f"{model}.json").write_text(json.dumps([{"id": f"k{i}", "test_set": "koala", "instruction": f"q{i}",
+                                                        "output": "x" * size(i)} for i in range(12)]))
+    (gen / "models.json").write_text(json.dumps({"chatgpt": {"name": "chatgpt", "kind": "base", "stand_in": True,
+                                                             "what": "stand-in: SmolLM2-135M-Instruct"}}))
+    llm = [Judgment(f"k{i}", "koala", "koala_all", "chatgpt", "A" if long[i] else "B", "big", False, T, "llm",
+                    0.9 if long[i] else 0.1) for i in range(12)]
+    write_judgments(judgments_dir(cfg) / "llm.jsonl", llm)
+    rep = build_report(cfg)
+    row = next(r for r in rep.comparisons if r["test_set"] == "all")
+    assert row["win_rate"] == pytest.approx(50.0) and row["soft_win_rate"] == pytest.approx(50.0)
+    assert row["length_coef"] > 1.0  # the judge favours the longer answer
+    assert row["lc_ci"][0] <= row["lc_win_rate"] <= row["lc_ci"][1]
+    line = rep.judge_line()
+    assert line == ("judge big (endpoint), verdicts read from logprobs; agrees with human labels 61.5 % [52.1-70.8] "
+                    "on 96 held-out pairs (chance 50 %)")
+    assert rep.table().attrs["judge"] == line
+    assert set(rep.table()["vs"]) == {"chatgpt (stand-in: SmolLM2-135M-Instruct)"}
+    labels = [t.get_text() for ax in rep.figure_ours.subfigs[1].axes for t in ax.get_yticklabels()]
+    assert "vs chatgpt\n(stand-in: SmolLM2-135M-Instruct)" in labels
+    assert line in rep.figure_ours.subfigs[1]._supxlabel.get_text()
+    assert rep.metrics()["judge_human_agreement"] == 61.5
+    assert json.loads((folder / "summary.json").read_text())["judge"]["line"] == line

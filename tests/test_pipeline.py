@@ -45,9 +45,17 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
         assert m["steps"] == 4 and m["last_loss"] < m["first_loss"]
         assert len(m["eval_losses"]) == 3 and m["eval_losses"][-1] < m["eval_losses"][0]  # steps 0, 2, 4
     assert (tmp_path / "fig" / "loss_curves.png").stat().st_size > 10_000
+    # the stage's progress went to its log beside the executed notebook (the kernel inherits KOALA_PROGRESS), not into it
+    notebooks = tmp_path / "smoke" / "notebooks"
+    progress = (notebooks / "03_finetune.progress.log").read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith("train koala_all: 4/4 step 100% [") and "tok/s" in line for line in progress)
+    assert any(line.startswith("curate ") for line in (notebooks / "01_data_curation.progress.log").read_text(encoding="utf-8").splitlines())
+    for executed in notebooks.glob("*.ipynb"):
+        outputs = json.dumps([c.get("outputs", []) for c in json.loads(executed.read_text(encoding="utf-8"))["cells"]])
+        assert "train koala_all:" not in outputs and "curate hc3:" not in outputs and "step/s" not in outputs, executed
     # stage 4: one AlpacaEval file per model, each answering the 4 + 4 smoke prompts
     generated = json.loads((tmp_path / "smoke" / "generate" / "metrics.json").read_text())
-    assert sorted(generated["models"]) == ["base", "koala_all", "koala_distill"]
+    assert sorted(generated["models"]) == ["chatgpt", "koala_all", "koala_distill"]  # chatgpt: the base model standing in
     assert generated["test_sets"]["koala"]["prompts"] == generated["test_sets"]["alpaca"]["prompts"] == 4
     for name in generated["models"]:
         rows = json.loads((tmp_path / "smoke" / "generations" / f"{name}.json").read_text())
@@ -60,13 +68,21 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     assert len(leakage["removed"]) + len(leakage["kept"]) == 8
     judged = json.loads((tmp_path / "smoke" / "eval" / "judge.json").read_text())
     assert judged["weak"] is True and judged["pairs"] == 2 * len(leakage["kept"]) == sum(judged["outcomes"].values())
+    assert judged["mode"] == "logprobs"  # `auto`: the kit's server returns logprobs
     evaluated = json.loads((tmp_path / "smoke" / "eval" / "metrics.json").read_text())
     assert evaluated["judgments"] == judged["judgments"] == judged["pairs"] - judged["outcomes"].get("no_verdict", 0) and evaluated["leaked_queries"] == len(leakage["removed"])
     summary = json.loads((tmp_path / "smoke" / "eval" / "summary.json").read_text())
-    # the random smoke judge rarely writes a [[X]] verdict: comparisons exist exactly for the pairs it judged
+    # the random smoke judge rarely has a verdict letter among its top tokens: comparisons exist exactly for the pairs it judged
     judged_pairs = {(j["model_a"], j["model_b"]) for j in map(json.loads, (tmp_path / "smoke" / "eval" / "judgments" / "llm.jsonl").read_text().splitlines())}
     assert {(r["model_a"], r["model_b"]) for r in summary["comparisons"]} == judged_pairs
-    assert judged_pairs <= {("koala_all", "base"), ("koala_all", "koala_distill")}
+    assert judged_pairs <= {("koala_all", "koala_distill"), ("koala_all", "chatgpt")}
+    calibration = json.loads((tmp_path / "smoke" / "eval" / "calibration.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in calibration.json"))
+    assert calibration["judge"] == judged["judge"] == "random debug model (kit server)" and calibration["mode"] == "logprobs"
+    assert calibration["judged"] + calibration["no_verdict"] == calibration["pairs"]
+    if calibration["judged"]:
+        assert f"agrees with human labels {calibration['agreement']:.1f} %" in summary["judge"]["line"]
+    else:  # the random model rarely puts a letter among its top tokens
+        assert summary["judge"]["line"].endswith(f"no verdict on any of {calibration['pairs']} human-labelled pairs")
     assert len((tmp_path / "smoke" / "eval" / "fastchat_pair.jsonl").read_text().splitlines()) == judged["pairs"]
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
 

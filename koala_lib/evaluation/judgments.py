@@ -9,6 +9,8 @@ Conventions (every source converts to these before writing):
 - `swapped` is True when `model_a`'s answer was shown second (on the right, or as "Assistant B"), so position
   bias can be measured: the answer shown first won when (verdict == "A") != swapped.
 - `time` is ISO 8601 in UTC.
+- `preference` (optional) is a judge's soft preference for `model_a`, in [0, 1] (1: model_a better, 0.5: even),
+  kept where a judge reads probabilities (the LLM judge's logprobs mode); None for a hard verdict.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ class Judgment:
     swapped: bool  # model_a's answer was shown second
     time: str  # ISO 8601, UTC
     source: str = "rater"  # "rater" | "mturk" | "llm"
+    preference: float | None = None  # soft preference for model_a in [0, 1], where the judge gave one
 
     def __post_init__(self) -> None:
+        if self.preference is not None and not 0.0 <= self.preference <= 1.0:
+            raise JudgmentError(f"preference {self.preference!r} is not in [0, 1]")
         if self.verdict not in VERDICTS:
             raise JudgmentError(f"verdict {self.verdict!r} is not one of {', '.join(VERDICTS)}")
         if self.model_a == self.model_b:
@@ -69,7 +74,7 @@ class Judgment:
         if (self.model_a, self.model_b) != (model_b, model_a):
             raise ValueError(f"judgment of {self.model_a} vs {self.model_b} is not about {model_a} vs {model_b}")
         return Judgment(self.prompt_id, self.test_set, model_a, model_b, swap(self.verdict), self.judge, not self.swapped,
-                        self.time, self.source)  # type: ignore[arg-type]
+                        self.time, self.source, None if self.preference is None else 1.0 - self.preference)  # type: ignore[arg-type]
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -80,7 +85,13 @@ class Judgment:
             raise JudgmentError(f"{where}expected a JSON object, got {type(row).__name__}")
         kinds = {"swapped": bool}
         values = {}
+        if row.get("preference") is not None:  # optional: older files and hard verdicts have none
+            if isinstance(row["preference"], bool) or not isinstance(row["preference"], (int, float)):
+                raise JudgmentError(f"{where}field 'preference' should be a number in [0, 1], got {row['preference']!r}")
+            values["preference"] = float(row["preference"])
         for f in fields(cls):
+            if f.name == "preference":
+                continue
             if f.name not in row:
                 raise JudgmentError(f"{where}missing field {f.name!r}")
             value = row[f.name]

@@ -1,5 +1,7 @@
-"""The stage 5 report: every comparison with its intervals, judges' agreement and position bias, Bradley-Terry
-ratings, and the blog's figure next to this run's.
+"""The stage 5 report: every comparison with its intervals and length-controlled win rate, judges' agreement
+and position bias, Bradley-Terry ratings, and the blog's figure next to this run's. Every judged table and
+figure carries the judge's line: which judge, how it read its verdicts, and how often it agrees with human
+labels (`koala judge calibrate`).
 
     report = build_report(cfg)     # runs/<P>/eval/summary.json, figures, runs/<P>/eval/metrics.json
     report.table(); report.ratings_table(); report.figure_ours; report.figure_blog
@@ -12,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from koala_lib.config import Config
+from koala_lib.evaluation.calibration import read_calibration
 from koala_lib.evaluation.judge import WEAK_JUDGE_NOTE
 from koala_lib.evaluation.judgments import read_judgments
-from koala_lib.evaluation.pairwise import agreement, bradley_terry, compare, position_bias
+from koala_lib.evaluation.length_control import lc_interval, lc_win_rate
+from koala_lib.evaluation.pairwise import SCORE, agreement, bradley_terry, compare, position_bias
 from koala_lib.evaluation.published import BLOG
-from koala_lib.evaluation.stage import all_judgments, eval_dir
+from koala_lib.evaluation.stage import all_judgments, eval_dir, load_answers
 from koala_lib.files import atomic_text
 
 SOURCE_TITLES = {"llm": "LLM judge", "rater": "raters (koala rate)", "mturk": "MTurk workers"}
@@ -28,13 +32,19 @@ def blog_panels() -> dict[str, list[dict]]:
             for t, bars in BLOG.panels.items()}
 
 
-def ours_panels(rows: list[dict]) -> dict[str, list[dict]]:
+def model_label(name: str, models: dict[str, dict], sep: str = " ") -> str:
+    """A model's name as tables and figures show it; a stand-in says what stands in."""
+    info = models.get(name, {})
+    return f"{name}{sep}({info['what']})" if info.get("stand_in") else name
+
+
+def ours_panels(rows: list[dict], models: dict[str, dict] | None = None) -> dict[str, list[dict]]:
     panels: dict[str, list[dict]] = {}
     for r in rows:
         if r["test_set"] == "all":
             continue
         panels.setdefault(r["test_set"], []).append({
-            "label": f"vs {r['model_b']}", "better": r["better"], "tie": r["tie"], "worse": r["worse"],
+            "label": f"vs {model_label(r['model_b'], models or {}, chr(10))}", "better": r["better"], "tie": r["tie"], "worse": r["worse"],
             "better_ci": r["better_ci"], "worse_ci": r["worse_ci"], "n": r["n"]})
     return panels
 
@@ -44,6 +54,8 @@ class EvalReport:
     cfg: Config
     judge: dict  # eval/judge.json, or {} when no LLM judge ran
     leakage: dict
+    calibration: dict | None = None  # eval/calibration.json, or None before `koala judge calibrate`
+    models: dict = field(default_factory=dict)  # generations/models.json: what each model is
     comparisons: list[dict] = field(default_factory=list)  # one row per source x pair x test set (and "all")
     agreement: dict = field(default_factory=dict)  # source -> Agreement fields
     position_bias: dict = field(default_factory=dict)  # source -> PositionBias fields
@@ -56,12 +68,32 @@ class EvalReport:
         """Comparisons as a DataFrame: better / tie / worse %, win rate with its 95 % interval, sign-test p."""
         import pandas as pd
 
-        rows = [{"source": r["source"], "test set": r["test_set"], "model": r["model_a"], "vs": r["model_b"],
+        rows = [{"source": r["source"], "test set": r["test_set"], "model": r["model_a"], "vs": model_label(r["model_b"], self.models),
                  "n": r["n"], "better %": round(r["better"], 1), "tie %": round(r["tie"], 1), "worse %": round(r["worse"], 1),
                  "win rate %": round(r["win_rate"], 1),
-                 "95% CI": f"{r['win_rate_ci'][0]:.1f}-{r['win_rate_ci'][1]:.1f}", "sign p": round(r["sign_p"], 4)}
+                 "95% CI": f"{r['win_rate_ci'][0]:.1f}-{r['win_rate_ci'][1]:.1f}",
+                 "LC win rate %": round(r["lc_win_rate"], 1) if r.get("lc_win_rate") is not None else None,
+                 "LC 95% CI": f"{r['lc_ci'][0]:.1f}-{r['lc_ci'][1]:.1f}" if r.get("lc_ci") else "", "sign p": round(r["sign_p"], 4)}
                 for r in self.comparisons]
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        frame.attrs["judge"] = self.judge_line()  # the line every judged table carries (shown under it in notebooks)
+        return frame
+
+    def judge_line(self) -> str:
+        """Which judge, how it read its verdicts, and how often it agrees with human labels."""
+        if not self.judge:
+            return "no LLM judge ran"
+        weak = " (weak: the profile's base model on the kit's server)" if self.judge.get("weak") else ""
+        head = f"judge {self.judge.get('judge', '?')}{weak}, verdicts read from {self.judge.get('mode', 'text')}"
+        if not self.calibration:
+            return head + "; agreement with human labels not measured (koala judge calibrate)"
+        c = self.calibration
+        if not c.get("pairs"):
+            return head + "; " + c.get("line", "not calibrated")
+        if not c.get("judged"):
+            return head + f"; no verdict on any of {c.get('pairs', 0)} human-labelled pairs"
+        low, high = c["agreement_ci"]
+        return head + f"; agrees with human labels {c['agreement']:.1f} % [{low:.1f}-{high:.1f}] on {c['judged']} held-out pairs (chance 50 %)"
 
     def blog_table(self):
         import pandas as pd
@@ -76,7 +108,8 @@ class EvalReport:
     def summary(self) -> dict:
         return {
             "profile": self.cfg.profile,
-            "judge": {**self.judge, **({"note": WEAK_JUDGE_NOTE} if self.judge.get("weak") else {})},
+            "judge": {**self.judge, **({"note": WEAK_JUDGE_NOTE} if self.judge.get("weak") else {}), "line": self.judge_line()},
+            "calibration": self.calibration, "models": self.models,
             "leakage": {k: self.leakage.get(k) for k in ("threshold",)} | {
                 "removed": [r["id"] for r in self.leakage.get("removed", [])], "kept": len(self.leakage.get("kept", []))},
             "comparisons": self.comparisons, "agreement": self.agreement, "position_bias": self.position_bias,
@@ -91,6 +124,9 @@ class EvalReport:
         for r in self.comparisons:
             if r["test_set"] == "all":
                 out[f"{r['source']}/{r['model_a']}_vs_{r['model_b']}/win_rate"] = round(r["win_rate"], 3)
+        if self.calibration and self.calibration.get("judged"):
+            out["judge_human_agreement"] = round(self.calibration["agreement"], 3)
+            out["judge_calibration_pairs"] = self.calibration["judged"]
         return out
 
 
@@ -108,6 +144,22 @@ def _orientation(cfg: Config, pair: frozenset, judgments: list) -> tuple[str, st
     return next((j.model_a, j.model_b) for j in judgments if {j.model_a, j.model_b} == pair)
 
 
+def length_controlled(judgments: list, a: str, b: str, test_set: str | None, lengths: dict, n_boot: int, seed: int) -> dict:
+    """AlpacaEval 2.0's length-controlled win rate of `a` over `b` (soft preferences where the judge gave them),
+    with a prompt-bootstrap interval; {} when the answers' lengths are unknown."""
+    chosen = [j.oriented(a, b) for j in judgments if {j.model_a, j.model_b} == {a, b} and test_set in (None, j.test_set)]
+    keys = [((a, j.test_set, j.prompt_id), (b, j.test_set, j.prompt_id)) for j in chosen]
+    if not chosen or any(ka not in lengths or kb not in lengths for ka, kb in keys):
+        return {}
+    pref = [j.preference if j.preference is not None else SCORE[j.verdict] for j in chosen]
+    len_a, len_b = [lengths[ka] for ka, _ in keys], [lengths[kb] for _, kb in keys]
+    groups = [f"{j.test_set}/{j.prompt_id}" for j in chosen]
+    lc = lc_win_rate(pref, len_a, len_b)
+    low, high = lc_interval(pref, len_a, len_b, replicates=n_boot, seed=seed, groups=groups)
+    return {"lc_win_rate": lc.lc_win_rate, "lc_ci": (low, high), "length_coef": lc.length_coef,
+            "soft_win_rate": lc.win_rate}
+
+
 def build_report(cfg: Config, save: bool = True) -> EvalReport:
     """Summarise every judgment of the profile; with `save`, write `eval/summary.json` and the two figures
     (the caller writes `report.metrics()` with koala_lib.metrics, as every stage does)."""
@@ -118,7 +170,13 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     judge = json.loads(judge_file.read_text(encoding="utf-8")) if judge_file.is_file() else {}
     leakage = json.loads(leak_file.read_text(encoding="utf-8")) if leak_file.is_file() else {}
     judgments = all_judgments(cfg)
-    report = EvalReport(cfg, judge, leakage)
+    from koala_lib.answers import read_models
+
+    report = EvalReport(cfg, judge, leakage, read_calibration(cfg), read_models(cfg))
+    try:
+        lengths = {(m, r["test_set"], r["id"]): len(r["output"]) for m, rows in load_answers(cfg).items() for r in rows}
+    except FileNotFoundError:  # judgments imported without stage 4's answers: no length control
+        lengths = {}
     seed, n_boot = cfg.seed, cfg.eval.bootstrap
     removed = {r["id"] for r in leakage.get("removed", [])}
     for source in sorted({j.source for j in judgments}):
@@ -128,7 +186,8 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
             a, b = _orientation(cfg, pair, mine)
             for test_set in [*sorted({j.test_set for j in mine if {j.model_a, j.model_b} == pair}), None]:
                 row = compare(mine, a, b, test_set, n_boot=n_boot, seed=seed).row()
-                report.comparisons.append({"source": source, **row})
+                lc = length_controlled(mine, a, b, test_set, lengths, min(n_boot, 200), seed)
+                report.comparisons.append({"source": source, **row, **lc})
         report.agreement[source] = vars(agreement(mine)) if source != "llm" else None
         games_file = folder / "llm_games.jsonl"
         games = mine
@@ -148,10 +207,11 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     first = next((r["model_a"] for r in report.comparisons if r["source"] == source), "")
     title = f"This run, {first or 'no judgments'}, {judge_name}{weak}"
     outcomes = judge.get("outcomes", {}) if source == "llm" else {}
-    note = (f"LLM judge, {sum(outcomes.values())} pairs judged in both orders: {outcomes.get('consistent', 0)} consistent, "
-            f"{outcomes.get('inconsistent', 0)} inconsistent (ties), {outcomes.get('no_verdict', 0)} without a verdict "
-            "(left out)") if outcomes else ""
-    ours = {t: [] for t in BLOG.panels} | ours_panels([r for r in report.comparisons if r["source"] == source])
+    note = report.judge_line() if source == "llm" else ""
+    if outcomes:
+        note += (f"\n{sum(outcomes.values())} pairs judged in both orders: {outcomes.get('no_verdict', 0)} without a verdict "
+                 "(left out); whiskers: 95 % prompt-bootstrap intervals")
+    ours = {t: [] for t in BLOG.panels} | ours_panels([r for r in report.comparisons if r["source"] == source], report.models)
     report.figure_ours = plots.blog_comparison(blog_panels(), ours, published_title, title, note)
     if save:
         figures = cfg.figures_path

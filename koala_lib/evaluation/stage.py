@@ -12,7 +12,6 @@ its own; prompts the leakage filter removed are left out of everything.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +57,18 @@ def removed_queries(cfg: Config) -> set[str]:
 def load_answers(cfg: Config) -> dict[str, list[dict]]:
     """Stage 4's answers: model name -> rows."""
     folder = cfg.run_dir / "generations"
-    files = sorted(folder.glob("*.json"))
+    files = sorted(f for f in folder.glob("*.json") if f.name != "models.json")  # models.json: what each model is
     if not files:
         raise FileNotFoundError(f"{folder}: no answers; run stage 4 first (`koala generate --profile {cfg.profile}`)")
     return {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in files}
 
 
+BLOG_OPPONENTS = ("alpaca", "koala_distill", "chatgpt")  # the blog's figure: Koala-All against each
+
+
 def comparisons(cfg: Config, models: list[str]) -> list[tuple[str, str]]:
-    """`eval.comparisons` as (A, B) pairs; by default the first variant against every other model answered."""
+    """`eval.comparisons` as (A, B) pairs; by default the blog's: the first variant against those of Alpaca,
+    Koala-Distill and ChatGPT that answered (against every other model when none did)."""
     from koala_lib.train.data import variant_name
 
     if cfg.eval.comparisons:
@@ -82,7 +85,8 @@ def comparisons(cfg: Config, models: list[str]) -> list[tuple[str, str]]:
     first = variant_name(cfg.variants[0])
     if first not in models:
         raise ConfigError(f"eval.comparisons: the first variant {first!r} has no answers; set eval.comparisons")
-    return [(first, m) for m in models if m != first]
+    blog = [(first, m) for m in BLOG_OPPONENTS if m in models and m != first]
+    return blog or [(first, m) for m in models if m != first]
 
 
 def items_to_judge(cfg: Config) -> list[PairItem]:
@@ -99,37 +103,32 @@ class Judged:
     weak: bool  # the kit's own small base model judged
     path: Path
 
+    def summary(self) -> dict:
+        r = self.result
+        return {"judge": r.judge, "weak": self.weak, "mode": r.mode, **({"mode_note": r.mode_note} if r.mode_note else {}),
+                "judgments": len(r.judgments), **r.outcomes, **({"errors": dict(r.errors)} if r.errors else {})}
+
 
 def run_judge(cfg: Config, progress: bool = True) -> Judged:
     """Judge every item with `eval.judge` (or, when its base_url is empty, with the kit's own server running the
     base model); writes `eval/judgments/llm.jsonl`, `eval/fastchat_pair.jsonl` and `eval/judge.json`."""
-    from koala_lib.evaluation.judge import judge_pairs, local_judge
+    from koala_lib.evaluation.judge import judge_endpoint, judge_with
 
     items = items_to_judge(cfg)
-    j = cfg.eval.judge
-    if j.base_url:
-        import openai
-
-        key = os.environ.get(j.api_key_env, "")
-        client = openai.OpenAI(base_url=j.base_url, api_key=key or "unused", timeout=600)
-        model = j.model or client.models.list().data[0].id
-        result = judge_pairs(items, client, model, j.max_tokens, j.concurrency, progress)
-        weak = False
-    else:
-        with local_judge(cfg) as (client, served):
-            result = judge_pairs(items, client, j.model or served, j.max_tokens, j.concurrency, progress,
-                                 judge_name=f"{served} (kit server)")
-        weak = True
+    with judge_endpoint(cfg) as endpoint:
+        result = judge_with(endpoint, items, cfg, progress)
     out = judgments_dir(cfg) / "llm.jsonl"
     write_judgments(out, result.judgments)
     write_judgments(eval_dir(cfg) / "llm_games.jsonl", result.games)
     atomic_text(eval_dir(cfg) / "fastchat_pair.jsonl",
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.fastchat_rows))
     atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
-        "judge": result.judge, "weak": weak, "pairs": len(items), "judgments": len(result.judgments),
-        "outcomes": dict(result.outcomes),
+        "judge": result.judge, "weak": endpoint.weak, "mode": result.mode, "mode_note": result.mode_note,
+        "pairs": len(items), "judgments": len(result.judgments), "outcomes": dict(result.outcomes),
         "errors": dict(result.errors), "seconds": round(result.seconds, 2)}, indent=2) + "\n")
-    return Judged(result, weak, out)
+    print(f"judge {result.judge}: {len(result.judgments)} of {len(items)} pairs judged ({result.mode} verdicts"
+          + (f"; {result.mode_note}" if result.mode_note else "") + f") in {result.seconds:.0f} s")
+    return Judged(result, endpoint.weak, out)
 
 
 def all_judgments(cfg: Config) -> list:
