@@ -192,6 +192,7 @@ class AnswersResult:
     rows: dict[str, list[dict]] = field(default_factory=dict)  # each model's answers, as written to its file
     stats: dict[str, dict] = field(default_factory=dict)
     test_sets: dict[str, dict] = field(default_factory=dict)
+    models: dict[str, dict] = field(default_factory=dict)  # what each model is (models.json)
 
     def answers(self, name: str) -> list[dict]:
         return self.rows[name]
@@ -224,8 +225,9 @@ class AnswersResult:
         for name in TEST_SETS:
             picked += [p for p in self.prompts if p.test_set == name][:count]
         answers = {m: {(a["test_set"], a["id"]): a["output"] for a in self.answers(m)} for m in self.files}
+        label = lambda m: f"{m} ({self.models[m]['what']})" if self.models.get(m, {}).get("stand_in") else m
         return [{"test_set": p.test_set, "instruction": p.instruction,
-                 "answers": {m: answers[m].get((p.test_set, p.id), "") for m in self.files}} for p in picked]
+                 "answers": {label(m): answers[m].get((p.test_set, p.id), "") for m in self.files}} for p in picked]
 
     def figure(self, count: int = 1):
         from koala_lib.plots import example_answers
@@ -274,7 +276,7 @@ def answer_all(cfg: Config, models: list[str] | None = None, progress: bool = Tr
         path = out_dir / f"{who.name}.json"
         atomic_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
         result.files[who.name], result.rows[who.name], result.stats[who.name] = path, rows, stats
-        described[who.name] = {**who.describe(cfg), "prompt_format": stats.get("prompt_format")}
+        described[who.name] = result.models[who.name] = {**who.describe(cfg), "prompt_format": stats.get("prompt_format")}
         failed = sum(stats.get("failed", {}).values())
         print(f"{who.name}: {len(rows)} answers -> {path}" + (f" ({stats['tokens_per_s']} tokens/s)" if "tokens_per_s" in stats else "")
               + (f"; {failed} requests failed" if failed else ""))

@@ -151,7 +151,7 @@ def example_answers(examples: list[dict], width: int = 95, max_chars: int = 360)
     fig = Figure(figsize=(10, 0.19 * len(lines) + 0.8), layout="constrained")
     ax = fig.subplots()
     ax.axis("off")
-    ax.set_title("Example answers: the base model and the fine-tuned ones (first prompts of each test set)", fontsize=10, loc="left")
+    ax.set_title("Example answers of every model (first prompts of each test set)", fontsize=10, loc="left")
     for i, (text, color, weight) in enumerate(lines):
         ax.text(0.0, 1.0 - (i + 0.5) / len(lines), text, color=color, fontweight=weight, fontsize=8.5, family="monospace",
                 va="center", ha="left", transform=ax.transAxes)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from koala_lib.generate import Generator, PromptTooLong, Sampling, bucket, held_back, sample
+from koala_lib.generate import Generator, PromptTooLong, Sampling, bucket, held_back, prompt_bucket, sample
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import preset
 
@@ -89,6 +89,7 @@ def test_shapes_are_bucketed_so_compilation_is_shared(debug_model):
     gen.generate([[3] * 12, [4] * 15], Sampling(max_new_tokens=5, stop=()))  # same batch, prompt and cache buckets
     assert gen.compiled == first == {("prefill", (2, 16, 32)), ("decode", (2, 32))}
     assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+    assert [prompt_bucket(n, 16) for n in (3, 17, 200, 256, 257, 300, 384, 385, 1000)] == [16, 32, 256, 256, 384, 384, 384, 512, 1024]
 
 
 def test_wide_decode_on_a_cpu_keeps_matmuls_off_ynnpack_and_an_unknown_option_falls_back(monkeypatch):
@@ -111,6 +112,15 @@ def test_wide_and_narrow_batches_decode_alike(debug_model):
     narrow = [gen.generate([p], Sampling(max_new_tokens=6, stop=()))[0] for p in prompts[:3]]
     assert {key[1][0] for key in gen.compiled if key[0] == "decode"} == {1, 16}
     assert [c.tokens for c in wide[:3]] == [c.tokens for c in narrow]
+
+
+def test_a_prompt_decodes_alike_in_a_multiple_of_128_bucket_and_a_power_of_two_one(debug_model):
+    gen = Generator(debug_model, CharTokenizer())
+    long = [1 + i % 7 for i in range(300)]  # alone: prompt bucket 384
+    alone = gen.generate([long], Sampling(max_new_tokens=4, stop=()))[0]
+    together = gen.generate([long, [2] * 500], Sampling(max_new_tokens=4, stop=()))[0]  # with a longer one: 512
+    assert {key[1][1] for key in gen.compiled if key[0] == "prefill"} == {384, 512}
+    assert alone.tokens == together.tokens
 
 
 def test_sampling_top_k_one_and_tiny_top_p_are_greedy():

@@ -203,12 +203,15 @@ def _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency,
             mode, note, done = "text", "auto: the endpoint returned no logprobs, so verdicts were read from the text", []
         else:
             mode, note = "logprobs", ("auto: the endpoint returned logprobs" if mode == "auto" else "")
+    # sent longest first, so that requests a server batches together are of similar length (less padding)
+    rest = sorted(range(len(done), len(games)), key=lambda i: -sum(len(t) for t in games[i][2:]))
+    played: dict[int, Game] = dict(enumerate(done))
     with bar(total=len(games), initial=len(done), desc=desc, unit="game", disable=not progress) as shown:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            for result in pool.map(lambda g: play(g, mode), games[len(done):]):
-                done.append(result)
+            for i, result in zip(rest, pool.map(lambda i: play(games[i], mode), rest)):
+                played[i] = result
                 shown.update(1)
-    return mode, note, done
+    return mode, note, [played[i] for i in range(len(games))]
 
 
 def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int = 512, concurrency: int = 8,

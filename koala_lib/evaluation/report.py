@@ -83,7 +83,7 @@ class EvalReport:
         """Which judge, how it read its verdicts, and how often it agrees with human labels."""
         if not self.judge:
             return "no LLM judge ran"
-        weak = " (weak: the profile's base model on the kit's server)" if self.judge.get("weak") else ""
+        weak = ", a weak judge" if self.judge.get("weak") else ""
         head = f"judge {self.judge.get('judge', '?')}{weak}, verdicts read from {self.judge.get('mode', 'text')}"
         if not self.calibration:
             return head + "; agreement with human labels not measured (koala judge calibrate)"
@@ -202,15 +202,12 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     # this run's figure: human judgments when there are any (as in the blog), else the LLM judge's
     sources = {r["source"] for r in report.comparisons}
     source = next((s for s in ("rater", "mturk", "llm") if s in sources), "llm")
-    judge_name = f"judge {judge.get('judge', '')}" if source == "llm" else SOURCE_TITLES[source]
-    weak = " (weak)" if source == "llm" and judge.get("weak") else ""
     first = next((r["model_a"] for r in report.comparisons if r["source"] == source), "")
-    title = f"This run, {first or 'no judgments'}, {judge_name}{weak}"
+    title = f"This run, {first or 'no judgments'}, {SOURCE_TITLES[source]}"  # the judge's own line goes under the panels
     outcomes = judge.get("outcomes", {}) if source == "llm" else {}
     note = report.judge_line() if source == "llm" else ""
     if outcomes:
-        note += (f"\n{sum(outcomes.values())} pairs judged in both orders: {outcomes.get('no_verdict', 0)} without a verdict "
-                 "(left out); whiskers: 95 % prompt-bootstrap intervals")
+        note += f"\n{sum(outcomes.values())} pairs judged in both orders: {outcomes.get('no_verdict', 0)} without a verdict (left out)"
     ours = {t: [] for t in BLOG.panels} | ours_panels([r for r in report.comparisons if r["source"] == source], report.models)
     report.figure_ours = plots.blog_comparison(blog_panels(), ours, published_title, title, note)
     if save:
