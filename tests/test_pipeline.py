@@ -84,6 +84,8 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     else:  # the random model rarely puts a letter among its top tokens
         assert summary["judge"]["line"].endswith(f"no verdict on any of {calibration['pairs']} human-labelled pairs")
     assert len((tmp_path / "smoke" / "eval" / "fastchat_pair.jsonl").read_text().splitlines()) == judged["pairs"]
+    annotations = json.loads((tmp_path / "smoke" / "eval" / "alpaca_eval_annotations.json").read_text())
+    assert len(annotations) == judged["judgments"] and all(1.0 <= a["preference"] <= 2.0 for a in annotations)
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
 
 

@@ -262,6 +262,24 @@ def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int =
     return result
 
 
+def alpaca_eval_annotations(items: Sequence[PairItem], result: JudgeResult) -> list[dict]:
+    """The judged pairs in AlpacaEval's annotations layout: `output_1` is model_a's answer, and `preference` is in
+    [1, 2] (1: output_1 better, 2: output_2 better, 1.5 even): 2 minus the soft preference for model_a where the
+    judge read probabilities, else 1 / 1.5 / 2 from the verdict. Pairs without a verdict are left out."""
+    by_key = {(j.test_set, j.prompt_id, j.model_a, j.model_b): j for j in result.judgments}
+    hard = {"A": 1.0, "tie": 1.5, "B": 2.0}
+    rows = []
+    for item in items:
+        j = by_key.get((item.test_set, item.prompt_id, item.model_a, item.model_b))
+        if j is None:
+            continue
+        rows.append({"instruction": item.prompt, "output_1": item.answer_a, "generator_1": item.model_a,
+                     "output_2": item.answer_b, "generator_2": item.model_b, "annotator": result.judge,
+                     "preference": round(2.0 - j.preference, 6) if j.preference is not None else hard[j.verdict],
+                     "dataset": item.test_set, "id": item.prompt_id})
+    return rows
+
+
 @contextmanager
 def local_judge(cfg) -> Iterator[tuple[object, str]]:
     """The kit's own server on a free loopback port running the profile's base model: yields (openai client,

@@ -111,8 +111,9 @@ class Judged:
 
 def run_judge(cfg: Config, progress: bool = True) -> Judged:
     """Judge every item with `eval.judge` (or, when its base_url is empty, with the kit's own server running the
-    base model); writes `eval/judgments/llm.jsonl`, `eval/fastchat_pair.jsonl` and `eval/judge.json`."""
-    from koala_lib.evaluation.judge import judge_endpoint, judge_with
+    base model); writes `eval/judgments/llm.jsonl`, `eval/judge.json`, and the same judgments in FastChat's
+    (`eval/fastchat_pair.jsonl`) and AlpacaEval's (`eval/alpaca_eval_annotations.json`) layouts."""
+    from koala_lib.evaluation.judge import alpaca_eval_annotations, judge_endpoint, judge_with
 
     items = items_to_judge(cfg)
     with judge_endpoint(cfg) as endpoint:
@@ -120,6 +121,8 @@ def run_judge(cfg: Config, progress: bool = True) -> Judged:
     out = judgments_dir(cfg) / "llm.jsonl"
     write_judgments(out, result.judgments)
     write_judgments(eval_dir(cfg) / "llm_games.jsonl", result.games)
+    atomic_text(eval_dir(cfg) / "alpaca_eval_annotations.json",
+                json.dumps(alpaca_eval_annotations(items, result), indent=2, ensure_ascii=False) + "\n")
     atomic_text(eval_dir(cfg) / "fastchat_pair.jsonl",
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.fastchat_rows))
     atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
