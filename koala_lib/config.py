@@ -331,6 +331,10 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
         raise ConfigError(f"eval.judge.top_logprobs: {j.top_logprobs}; allowed 0 to 20 (OpenAI's limit)")
     if not 0.0 <= j.tie_margin < 0.5:
         raise ConfigError(f"eval.judge.tie_margin: {j.tie_margin}; allowed 0 <= tie_margin < 0.5")
+    if cfg.eval.calibration.pairs < 1:
+        raise ConfigError(f"eval.calibration.pairs: {cfg.eval.calibration.pairs}; it must be at least 1")
+    if j.max_answer_chars < 1:
+        raise ConfigError(f"eval.judge.max_answer_chars: {j.max_answer_chars}; it must be at least 1")
     for name in cfg.eval.calibration.sources:
         if name not in ("hh", "webgpt", "summarize"):
             raise ConfigError(f"eval.calibration.sources: {name!r} has no human preference labels (allowed: hh, webgpt, summarize)")

@@ -157,7 +157,12 @@ def test_soft_preferences_length_control_stand_ins_and_the_judge_line(make_cfg):
     row = next(r for r in rep.comparisons if r["test_set"] == "all")
     assert row["win_rate"] == pytest.approx(50.0) and row["soft_win_rate"] == pytest.approx(50.0)
     assert row["length_coef"] > 1.0  # the judge favours the longer answer
-    assert row["lc_ci"][0] <= row["lc_win_rate"] <= row["lc_ci"][1]
+    assert row["lc_ci"][0] <= row["lc_win_rate"] <= row["lc_ci"][1] and row["lc_missing"] == 0
+    from koala_lib.evaluation.length_control import lc_win_rate
+
+    sizes = {"koala_all": [900 if long[i] else 100 for i in range(12)], "chatgpt": [300 + 10 * i for i in range(12)]}
+    direct = lc_win_rate([0.9 if long[i] else 0.1 for i in range(12)], sizes["koala_all"], sizes["chatgpt"])
+    assert row["lc_win_rate"] == pytest.approx(direct.lc_win_rate) and row["length_coef"] == pytest.approx(direct.length_coef)
     line = rep.judge_line()
     assert line == ("judge big (endpoint), verdicts read from logprobs; agrees with human labels 61.5 % [52.1-70.8] "
                     "on 96 held-out pairs (chance 50 %)")
@@ -168,3 +173,8 @@ def test_soft_preferences_length_control_stand_ins_and_the_judge_line(make_cfg):
     assert line in rep.figure_ours.subfigs[1]._supxlabel.get_text()
     assert rep.metrics()["judge_human_agreement"] == 61.5
     assert json.loads((folder / "summary.json").read_text())["judge"]["line"] == line
+    # the same judgments stored the other way round (model_a = chatgpt) give the same row for koala_all
+    write_judgments(judgments_dir(cfg) / "llm.jsonl", [j.oriented("chatgpt", "koala_all") for j in llm])
+    flipped = next(r for r in build_report(cfg, save=False).comparisons if r["test_set"] == "all")
+    assert (flipped["model_a"], flipped["model_b"]) == ("koala_all", "chatgpt")
+    assert flipped["lc_win_rate"] == pytest.approx(row["lc_win_rate"]) and flipped["soft_win_rate"] == pytest.approx(50.0)

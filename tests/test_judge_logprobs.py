@@ -1,6 +1,7 @@
 """The judge's logprobs mode against scripted OpenAI-compatible endpoints (real HTTP on loopback, the official
 client), and the verdict arithmetic: surface forms summed, both orders averaged, ties by a stated margin."""
 
+import json
 import math
 from collections import Counter
 
@@ -9,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from koala_lib.evaluation.judge import JudgeError, alpaca_eval_annotations, judge_pairs, soft_verdict, verdict_probs
+from koala_lib.evaluation.judge import USER_LETTER_CUE, JudgeError, alpaca_eval_annotations, judge_pairs, soft_verdict, verdict_probs
 from koala_lib.evaluation.judgments import PairItem
 from koala_lib.evaluation.pairwise import position_bias
 from koala_lib.serve import serving
@@ -119,11 +120,13 @@ def test_top_tokens_without_a_verdict_letter_are_no_verdict_not_ties():
     assert result.judgments == [] and result.games == []
     assert result.outcomes == Counter({"no_verdict": 4})
     assert "no verdict letter" in result.fastchat_rows[0]["g1_judgment"]
+    assert result.fastchat_rows[0]["g1_user_prompt"].endswith(USER_LETTER_CUE)  # the message as it was sent
 
 
 def test_a_failing_endpoint_is_counted():
     app, _ = _endpoint(lambda first, second, body: 503)
     result = _judge(app, n=3, mode="auto")
+    assert result.mode == "logprobs" and result.mode_note.startswith("no answer to the first 3 games")  # probes stop at 3
     assert result.errors == Counter({"InternalServerError": 6})
     assert result.outcomes == Counter({"no_verdict": 3}) and result.judgments == []
 
@@ -137,3 +140,17 @@ def test_answers_are_cut_for_the_judge():
     user = seen[0]["messages"][-1]["content"]
     assert "x" * 20 + " [...cut]" in user and "x" * 21 not in user and "Q" * 20 + " [...cut]" in user
     assert [j.verdict for j in result.judgments] == ["tie"]
+
+
+def test_a_judgments_soft_preference_turns_with_its_sides_and_is_checked_when_read(tmp_path):
+    from koala_lib.evaluation.judgments import Judgment, JudgmentError, read_judgments, write_judgments
+
+    j = Judgment("k0", "koala", "a", "b", "A", "judge", False, "2026-01-01T00:00:00+00:00", "llm", 0.8)
+    back = j.oriented("b", "a")
+    assert (back.verdict, back.swapped, back.preference) == ("B", True, pytest.approx(0.2))
+    path = write_judgments(tmp_path / "j.jsonl", [j, Judgment("k1", "koala", "a", "b", "tie", "r", False, j.time)])
+    assert [x.preference for x in read_judgments(path)] == [0.8, None]
+    for bad in ("true", '"0.3"', "1.5"):
+        path.write_text(json.dumps(j.to_row())[:-1].replace('"preference": 0.8', f'"preference": {bad}') + "}\n")
+        with pytest.raises(JudgmentError, match=r"j.jsonl:1: .*preference"):
+            read_judgments(path)

@@ -58,6 +58,7 @@ _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 _SURFACE = " \t\n[]()*\"'`.:"  # stripped from a token before it is read as a verdict letter
 WEAK_JUDGE_NOTE = "weak judge: the profile's small base model served by the kit itself, not a strong LLM; read its verdicts as a check of the machinery"
 MODES = ("auto", "logprobs", "text")
+PROBES = 3  # games played one by one to learn whether the endpoint returns logprobs, before the rest run concurrently
 
 
 class JudgeError(RuntimeError):
@@ -190,13 +191,15 @@ def _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency,
 
     note, done = "", []
     if mode in ("auto", "logprobs"):
-        for game in games:  # probe: does the endpoint return logprobs?
+        for game in games[:PROBES]:  # probe: does the endpoint return logprobs?
             probe = play(game, "logprobs")
             done.append(probe)
             if probe.error is None:
                 break
         answered = [g for g in done if g.error is None]
-        if answered and not answered[0].has_logprobs:
+        if not answered:  # nothing came back: the rest is played as asked (auto: logprobs), and fails alike or not
+            mode, note = "logprobs", f"no answer to the first {len(done)} games, so whether the endpoint returns logprobs is unknown"
+        elif not answered[0].has_logprobs:
             if mode == "logprobs":
                 raise JudgeError("eval.judge.mode=logprobs: the endpoint returned no logprobs for the verdict token; "
                                  "set eval.judge.mode to auto or text, or use an endpoint that returns logprobs (vLLM, OpenAI)")
@@ -249,13 +252,14 @@ def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int =
             result.judgments.append(Judgment(item.prompt_id, item.test_set, item.model_a, item.model_b, verdict,  # type: ignore[arg-type]
                                              name, False, stamp, "llm", preference))
         q, a, b = games[2 * i][2:]
+        shown = lambda first, second: _messages(used, q, first, second)[-1]["content"]  # the user message as sent
         result.fastchat_rows.append({
             "question_id": f"{item.test_set}/{item.prompt_id}", "model_1": item.model_a, "model_2": item.model_b,
             "g1_winner": _FASTCHAT_WINNER[g1.verdict],
             "g2_winner": {"A": "model_2", "B": "model_1", "tie": "tie", None: "error"}[g2.verdict],
             "judge": [name, PROMPT_NAMES[used]],
-            "g1_user_prompt": USER.format(question=q, answer_a=a, answer_b=b), "g1_judgment": g1.text,
-            "g2_user_prompt": USER.format(question=q, answer_a=b, answer_b=a), "g2_judgment": g2.text,
+            "g1_user_prompt": shown(a, b), "g1_judgment": g1.text,
+            "g2_user_prompt": shown(b, a), "g2_judgment": g2.text,
             "turn": 1, "tstamp": time.time(),
         })
     result.seconds = time.perf_counter() - start

@@ -147,17 +147,19 @@ def _orientation(cfg: Config, pair: frozenset, judgments: list) -> tuple[str, st
 def length_controlled(judgments: list, a: str, b: str, test_set: str | None, lengths: dict, n_boot: int, seed: int) -> dict:
     """AlpacaEval 2.0's length-controlled win rate of `a` over `b` (soft preferences where the judge gave them),
     with a prompt-bootstrap interval; {} when the answers' lengths are unknown."""
-    chosen = [j.oriented(a, b) for j in judgments if {j.model_a, j.model_b} == {a, b} and test_set in (None, j.test_set)]
+    every = [j.oriented(a, b) for j in judgments if {j.model_a, j.model_b} == {a, b} and test_set in (None, j.test_set)]
+    known = lambda j: (a, j.test_set, j.prompt_id) in lengths and (b, j.test_set, j.prompt_id) in lengths
+    chosen = [j for j in every if known(j)]  # a judgment of answers stage 4 no longer holds has no lengths: counted
     keys = [((a, j.test_set, j.prompt_id), (b, j.test_set, j.prompt_id)) for j in chosen]
-    if not chosen or any(ka not in lengths or kb not in lengths for ka, kb in keys):
-        return {}
+    if not chosen:
+        return {"lc_missing": len(every)}
     pref = [j.preference if j.preference is not None else SCORE[j.verdict] for j in chosen]
     len_a, len_b = [lengths[ka] for ka, _ in keys], [lengths[kb] for _, kb in keys]
     groups = [f"{j.test_set}/{j.prompt_id}" for j in chosen]
     lc = lc_win_rate(pref, len_a, len_b)
     low, high = lc_interval(pref, len_a, len_b, replicates=n_boot, seed=seed, groups=groups)
     return {"lc_win_rate": lc.lc_win_rate, "lc_ci": (low, high), "length_coef": lc.length_coef,
-            "soft_win_rate": lc.win_rate}
+            "soft_win_rate": lc.win_rate, "lc_missing": len(every) - len(chosen)}
 
 
 def build_report(cfg: Config, save: bool = True) -> EvalReport:
