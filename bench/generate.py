@@ -39,7 +39,7 @@ def prompts(n: int) -> list[str]:
 
 
 def kit_runner(gen, texts: list[str], new_tokens: int):
-    from koala_lib.generate import Sampling
+    from koala_lib.inference.generate import Sampling
 
     sampling = Sampling(max_new_tokens=new_tokens, stop=())
     counted = {}
@@ -75,7 +75,7 @@ def server_throughput(gen, template, clients: int, requests: int, new_tokens: in
     openai clients."""
     from openai import OpenAI
 
-    from koala_lib.serve import create_app, serving
+    from koala_lib.inference.serve import create_app, serving
 
     with serving(create_app(gen, template, model_name="bench")) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
@@ -110,7 +110,7 @@ def main() -> None:
 
     from koala_lib.conditioning.template import template_for
     from koala_lib.config import load
-    from koala_lib.generate import Generator
+    from koala_lib.inference.generate import Generator
     from koala_lib.model.checkpoints import load_hf
     from koala_lib.model.gguf_default import default_model_dir
 

@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from koala_lib.answers import answer_all
+    from koala_lib.inference.answers import answer_all
 
     cfg = load(args.profile, _overrides(args))
     models = [m.strip() for m in args.model.split(",")] if args.model else None
@@ -83,7 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from koala_lib.serve import app_for_profile, run_server
+    from koala_lib.inference.serve import app_for_profile, run_server
 
     cfg = load(args.profile, _overrides(args))
     key = args.api_key or os.environ.get("KOALA_API_KEY") or None

@@ -36,7 +36,7 @@ def tiny_generator():
     from flax import nnx
 
     from koala_lib.conditioning.template import load_tokenizer
-    from koala_lib.generate import Generator
+    from koala_lib.inference.generate import Generator
     from koala_lib.model.llama import Llama
     from koala_lib.model.presets import preset
 
@@ -51,7 +51,7 @@ def tiny_server(tiny_generator):
 
     Model name `koala-debug`; no API key; moderation refuses the word `forbidden`."""
     from koala_lib.conditioning.template import template_for
-    from koala_lib.serve import create_app, serving, word_list
+    from koala_lib.inference.serve import create_app, serving, word_list
 
     template = template_for(config.load("smoke"), tiny_generator.tokenizer)
     app = create_app(tiny_generator, template, model_name="koala-debug", moderation=word_list(["forbidden"]), max_queue=64)

@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-from koala_lib.answers import answer_all, answerers, read_outputs
+from koala_lib.inference.answers import answer_all, answerers, read_outputs
 from koala_lib.config import ConfigError
-from koala_lib.testsets import TestPrompt
+from koala_lib.inference.testsets import TestPrompt
 
 
 def test_default_answerers_are_base_and_every_variant_and_need_stage_3(make_cfg):

@@ -1,4 +1,4 @@
-"""The chat page at `GET /` (koala_lib/static/chat.html), driven in headless Chromium against the tiny server.
+"""The chat page at `GET /` (koala_lib/inference/static/chat.html), driven in headless Chromium against the tiny server.
 
 Needs Debian's `chromium` and `chromium-driver` (`apt-get install -y chromium chromium-driver`) and selenium;
 skipped without them. The tiny model is random, so answers are noise: the tests check the page's behaviour
@@ -237,7 +237,7 @@ def test_temperature_control_is_sent(driver, tiny_server):
 def test_api_key_is_sent_as_a_bearer_header(driver, tiny_generator):
     from koala_lib import config
     from koala_lib.conditioning.template import template_for
-    from koala_lib.serve import create_app, serving
+    from koala_lib.inference.serve import create_app, serving
 
     template = template_for(config.load("smoke"), tiny_generator.tokenizer)
     app = create_app(tiny_generator, template, model_name="koala-locked", api_key="sesame")
@@ -267,7 +267,7 @@ def test_api_key_is_sent_as_a_bearer_header(driver, tiny_generator):
 def test_an_answer_cut_by_moderation_is_marked(driver, tiny_generator):
     from koala_lib import config
     from koala_lib.conditioning.template import template_for
-    from koala_lib.serve import create_app, serving
+    from koala_lib.inference.serve import create_app, serving
 
     # lets the request through (it contains the pass word) and flags any answer once it has a few characters
     def moderation(text: str) -> str | None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from koala_lib.generate import Generator, PromptTooLong, Sampling, bucket, held_back, prompt_bucket, sample
+from koala_lib.inference.generate import Generator, PromptTooLong, Sampling, bucket, held_back, prompt_bucket, sample
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import preset
 
@@ -93,7 +93,7 @@ def test_shapes_are_bucketed_so_compilation_is_shared(debug_model):
 
 
 def test_wide_decode_on_a_cpu_keeps_matmuls_off_ynnpack_and_an_unknown_option_falls_back(monkeypatch):
-    import koala_lib.generate as generate
+    import koala_lib.inference.generate as generate
 
     assert generate.wide_decode_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
     assert generate.wide_decode_options("gpu") == {}

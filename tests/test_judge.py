@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from koala_lib.evaluation.judge import combine, judge_pairs, parse_verdict
 from koala_lib.evaluation.judgments import PairItem
 from koala_lib.evaluation.pairwise import position_bias
-from koala_lib.serve import serving
+from koala_lib.inference.serve import serving
 
 
 def test_parse_verdict():

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from koala_lib.evaluation.judge import USER_LETTER_CUE, JudgeError, alpaca_eval_annotations, judge_pairs, soft_verdict, verdict_probs
 from koala_lib.evaluation.judgments import PairItem
 from koala_lib.evaluation.pairwise import position_bias
-from koala_lib.serve import serving
+from koala_lib.inference.serve import serving
 
 
 def test_verdict_probs_sums_every_surface_form_and_normalises():

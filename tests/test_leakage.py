@@ -21,7 +21,7 @@ from koala_lib.evaluation.leakage import (
     run_leakage,
     train_texts_from_records,
 )
-from koala_lib.testsets import TestPrompt
+from koala_lib.inference.testsets import TestPrompt
 
 # few words, so that random texts share many n-grams; punctuation and entities exercise the 13a tokenizer
 VOCAB = ["the", "cat", "sat", "on", "mat", "a", "dog", ".", ",", "?", "The", "don't", "U.S.", "3.5", "-", "&amp;", "(x)"]

@@ -16,11 +16,11 @@ from flax import nnx
 
 from koala_lib import config
 from koala_lib.conditioning.template import template_for
-from koala_lib.generate import Generator, Sampling
+from koala_lib.inference.generate import Generator, Sampling
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import preset
-from koala_lib.serve import create_app, serving
-from koala_lib.token_text import TokenText, byte_alphabet
+from koala_lib.inference.serve import create_app, serving
+from koala_lib.inference.token_text import TokenText, byte_alphabet
 
 openai = pytest.importorskip("openai")
 
@@ -206,7 +206,7 @@ def test_streamed_legacy_entries_equal_the_non_streamed_ones(tiny_server):
 
 
 def test_a_flagged_word_and_its_tokens_never_reach_a_streaming_client(tiny_server, tiny_generator):
-    from koala_lib.serve import word_list
+    from koala_lib.inference.serve import word_list
 
     url, _ = tiny_server
     ask = dict(model="koala-debug", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=30, temperature=0, logprobs=True)

@@ -9,11 +9,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from koala_lib.answers import answer_all, answerers, load_generator, read_models, sampling
-from koala_lib.chat_format import KoalaChat, NativeChat, format_for
+from koala_lib.inference.answers import answer_all, answerers, load_generator, read_models, sampling
+from koala_lib.inference.chat_format import KoalaChat, NativeChat, format_for
 from koala_lib.conditioning.template import template_for
 from koala_lib.evaluation.stage import comparisons
-from koala_lib.serve import serving
+from koala_lib.inference.serve import serving
 
 QUESTION = "How do I reverse a list in Python without changing the original list?"
 

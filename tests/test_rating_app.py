@@ -27,7 +27,7 @@ from koala_lib.evaluation.rating_app import (
     CHECK_MODEL, OFF_TOPIC, StudyError, create_rating_app, create_study, export_judgments, format_rater_report,
     rater_report, rating_links,
 )
-from koala_lib.serve import serving
+from koala_lib.inference.serve import serving
 
 ALPHA, BETA = "model-secret-alpha", "model-secret-beta"
 SECRETS = ("model-secret", CHECK_MODEL)  # nothing the browser receives may contain these

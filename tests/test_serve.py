@@ -13,7 +13,7 @@ import pytest
 
 from koala_lib import config
 from koala_lib.conditioning.template import template_for
-from koala_lib.serve import create_app, serving, word_list
+from koala_lib.inference.serve import create_app, serving, word_list
 
 openai = pytest.importorskip("openai")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from koala_lib.config import ConfigError
-from koala_lib.testsets import TEST_SETS, TestPrompt, load_test_set, natural_key
+from koala_lib.inference.testsets import TEST_SETS, TestPrompt, load_test_set, natural_key
 
 
 def write_koala(path: Path, ids, prompt="Say hi.") -> Path:

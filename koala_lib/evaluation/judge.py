@@ -290,7 +290,7 @@ def local_judge(cfg) -> Iterator[tuple[object, str]]:
     served model name). Used when `eval.judge.base_url` is empty (offline profiles)."""
     import openai
 
-    from koala_lib.serve import app_for_profile, serving
+    from koala_lib.inference.serve import app_for_profile, serving
 
     app = app_for_profile(cfg, "base")
     with serving(app) as url:
@@ -321,7 +321,7 @@ def judge_endpoint(cfg) -> Iterator[JudgeEndpoint]:
         model = j.model or client.models.list().data[0].id
         yield JudgeEndpoint(client, model, model, False)
         return
-    from koala_lib.answers import base_label
+    from koala_lib.inference.answers import base_label
 
     with local_judge(cfg) as (client, served):
         yield JudgeEndpoint(client, j.model or served, f"{base_label(cfg)} (kit server)", True)

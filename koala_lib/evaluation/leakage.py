@@ -286,14 +286,14 @@ def load_train_texts(path: str | Path) -> list[str]:
 
 
 def queries_from_prompts(prompts: Iterable) -> list[tuple[str, str]]:
-    """`(f"{test_set}/{id}", instruction)` for koala_lib.testsets.TestPrompt objects (ids are unique per test set only)."""
+    """`(f"{test_set}/{id}", instruction)` for koala_lib.inference.testsets.TestPrompt objects (ids are unique per test set only)."""
     return [(f"{p.test_set}/{p.id}", p.instruction) for p in prompts]
 
 
 def load_queries(path: str | Path) -> list[tuple[str, str]]:
     """`(id, text)` from a Koala test set JSONL (`{"id", "prompt"}`) or a self-instruct one (`{"id", "instruction",
-    "instances"}`: text joined with the first input as in koala_lib.testsets). A bad line raises SourceFormatError."""
-    from koala_lib.testsets import BadRow, parse_row  # the kit's own row parser, so the texts match stage 4's
+    "instances"}`: text joined with the first input as in koala_lib.inference.testsets). A bad line raises SourceFormatError."""
+    from koala_lib.inference.testsets import BadRow, parse_row  # the kit's own row parser, so the texts match stage 4's
 
     path = Path(path)
     queries, seen = [], set()

@@ -7,7 +7,7 @@
     write_judgments(Path("judgments.jsonl"), export_judgments("study.db"))
     print(format_rater_report(rater_report("study.db")))              # progress and attention checks
 
-A rater's page (`GET /r/<token>`, koala_lib/static/rate.html) shows one prompt and two answers, A on the left
+A rater's page (`GET /r/<token>`, koala_lib/evaluation/static/rate.html) shows one prompt and two answers, A on the left
 and B on the right, with "A is better" / "Tie" / "B is better" (keys 1/2/3 or a/t/b). Model names never
 leave the server: the browser sees only texts and opaque random assignment keys.
 
@@ -338,7 +338,7 @@ def create_rating_app(db_path) -> FastAPI:
                 return HTMLResponse("<!doctype html><title>Unknown link</title><p>This rating link is not valid.</p>",
                                     status_code=404, headers=_HEADERS)
         nonce = secrets.token_urlsafe(16)
-        html = (resources.files("koala_lib") / "static" / "rate.html").read_text(encoding="utf-8")
+        html = (resources.files("koala_lib.evaluation") / "static" / "rate.html").read_text(encoding="utf-8")
         csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
                "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
         return HTMLResponse(html.replace("{{nonce}}", nonce), headers={**_HEADERS, "Content-Security-Policy": csp})

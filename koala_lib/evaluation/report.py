@@ -172,7 +172,7 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     judge = json.loads(judge_file.read_text(encoding="utf-8")) if judge_file.is_file() else {}
     leakage = json.loads(leak_file.read_text(encoding="utf-8")) if leak_file.is_file() else {}
     judgments = all_judgments(cfg)
-    from koala_lib.answers import read_models
+    from koala_lib.inference.answers import read_models
 
     report = EvalReport(cfg, judge, leakage, read_calibration(cfg), read_models(cfg))
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from koala_lib.config import Config, ConfigError
 from koala_lib.evaluation.judgments import PairItem, pair_items, read_judgments, write_judgments
 from koala_lib.files import atomic_text
-from koala_lib.testsets import TEST_SETS, load_test_set
+from koala_lib.inference.testsets import TEST_SETS, load_test_set
 
 
 def eval_dir(cfg: Config) -> Path:

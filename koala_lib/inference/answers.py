@@ -13,7 +13,7 @@ Each file is a JSON list with one object per prompt: `instruction`, `output`, `g
 fields AlpacaEval reads; `dataset` is `koala` for the Koala test set and `selfinstruct` for the Alpaca test
 set, AlpacaEval's names), plus `id`, `test_set` and `finish_reason` for stage 5. A fine-tuned model's prompts are rendered
 with stage 2's template and the positive marker, exactly as in training; a model that was not fine-tuned on it
-answers through its own chat template where `generate.native_template` says so (koala_lib/chat_format.py).
+answers through its own chat template where `generate.native_template` says so (koala_lib/inference/chat_format.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from koala_lib.config import Config, ConfigError, resolve_path
 from koala_lib.files import atomic_text
-from koala_lib.testsets import TEST_SETS, TestPrompt, load_test_set
+from koala_lib.inference.testsets import TEST_SETS, TestPrompt, load_test_set
 
 DATASET_NAMES = {"koala": "koala", "alpaca": "selfinstruct"}  # AlpacaEval's names for the two sets
 REQUIRED = ("instruction", "output", "generator")
@@ -110,7 +110,7 @@ def load_generator(cfg: Config, who: Answerer):
     from transformers import AutoTokenizer
 
     from koala_lib.conditioning.template import load_tokenizer
-    from koala_lib.generate import Generator
+    from koala_lib.inference.generate import Generator
     from koala_lib.model.checkpoints import load_hf, model_kwargs
     from koala_lib.model.llama import Llama
     from koala_lib.train.loop import model_config
@@ -126,7 +126,7 @@ def load_generator(cfg: Config, who: Answerer):
 
 
 def sampling(cfg: Config, stops: tuple[str, ...] | None = None):
-    from koala_lib.generate import Sampling
+    from koala_lib.inference.generate import Sampling
 
     g = cfg.generate
     return Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
@@ -135,7 +135,7 @@ def sampling(cfg: Config, stops: tuple[str, ...] | None = None):
 
 def generate_answers(cfg: Config, who: Answerer, prompts: list[TestPrompt], progress: bool = True) -> tuple[list[dict], dict]:
     """(AlpacaEval rows, timing) for one model over the prompts."""
-    from koala_lib.chat_format import format_for
+    from koala_lib.inference.chat_format import format_for
     from koala_lib.progress import bar
 
     gen = load_generator(cfg, who)
@@ -267,7 +267,7 @@ def answer_all(cfg: Config, models: list[str] | None = None, progress: bool = Tr
         if who.kind == "outputs":
             rows, stats = read_outputs(who.path, who.name, prompts)
         elif who.kind == "openai":
-            from koala_lib.endpoint_answers import endpoint_answers
+            from koala_lib.inference.endpoint_answers import endpoint_answers
 
             answered, stats = endpoint_answers(cfg, who.model, prompts, progress=progress)
             rows = [_row(p, text.strip(), who.name, finish) for p, text, finish in answered]

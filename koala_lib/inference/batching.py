@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from koala_lib.generate import Completion, Generator, Sampling, TokenEvent
+from koala_lib.inference.generate import Completion, Generator, Sampling, TokenEvent
 
 
 class QueueFull(RuntimeError):

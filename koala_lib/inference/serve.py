@@ -13,7 +13,7 @@ Errors are OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`
 wrong types, a prompt longer than the context or a flagged request; 401 for a missing or wrong API key
 (when one is set); 404 for an unknown model; 429 when the request queue is full. The server keeps serving.
 
-Log-probabilities, as OpenAI's API gives them (`koala_lib/token_text.py` shapes them): chat takes `logprobs: true`
+Log-probabilities, as OpenAI's API gives them (`koala_lib/inference/token_text.py` shapes them): chat takes `logprobs: true`
 and `top_logprobs` (0-20; without `logprobs: true`, a 400) and answers `choices[0].logprobs.content`, one entry
 (`token`, `logprob`, `bytes`, `top_logprobs`) per generated token; `/v1/completions` takes `logprobs` (0-20) and
 answers the legacy `tokens`, `token_logprobs`, `top_logprobs`, `text_offset` (from the start of the prompt). The
@@ -46,13 +46,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from koala_lib.batching import Batcher, Job, QueueFull
-from koala_lib.chat_format import KoalaChat, NativeChat
+from koala_lib.inference.batching import Batcher, Job, QueueFull
+from koala_lib.inference.chat_format import KoalaChat, NativeChat
 from koala_lib.conditioning.template import Template
 from koala_lib.config import ConfigError
 from koala_lib.data.schema import Turn
-from koala_lib.generate import TOP_LOGPROBS, Generator, PromptTooLong, Sampling, TokenEvent, TokenLogprob
-from koala_lib.token_text import TokenText, chat_logprobs, legacy_logprobs
+from koala_lib.inference.generate import TOP_LOGPROBS, Generator, PromptTooLong, Sampling, TokenEvent, TokenLogprob
+from koala_lib.inference.token_text import TokenText, chat_logprobs, legacy_logprobs
 
 Moderation = Callable[[str], Union[str, None]]
 
@@ -151,7 +151,7 @@ def create_app(
     max_batch: int | None = None,
 ) -> FastAPI:
     """The server's app; its batcher starts now and stops when the app shuts down. Chat messages are rendered with
-    `template`: Koala's (a Template), or a chat format of koala_lib.chat_format (e.g. the model's own template)."""
+    `template`: Koala's (a Template), or a chat format of koala_lib.inference.chat_format (e.g. the model's own template)."""
     batcher = Batcher(generator, max_batch=max_batch or generator.max_batch, max_queue=max_queue)
     check = moderation or (lambda text: None)
     chat = KoalaChat(template, generator.tokenizer, (template.cfg.user_marker,)) if isinstance(template, Template) else template
@@ -195,7 +195,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
-        return (resources.files("koala_lib") / "static" / "chat.html").read_text(encoding="utf-8")
+        return (resources.files("koala_lib.inference") / "static" / "chat.html").read_text(encoding="utf-8")
 
     def prepare(body: _Body, text: Callable[[], list[int]], said: str, extra_stops: tuple[str, ...]) -> tuple[list[int], Sampling]:
         """Token ids and sampling settings of a request; `said` is what the client wrote (moderated)."""
@@ -359,8 +359,8 @@ def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
 def app_for_profile(cfg, model: str | None = None, checkpoint: str | None = None, api_key: str | None = None) -> FastAPI:
     """The app for one of the profile's models (`base`, a variant, a `generate.extra` name; default: the first
     variant stage 3 has exported, else base), or for any Hugging Face folder / `default` given as `checkpoint`."""
-    from koala_lib.answers import Answerer, answerers, load_generator
-    from koala_lib.chat_format import format_for
+    from koala_lib.inference.answers import Answerer, answerers, load_generator
+    from koala_lib.inference.chat_format import format_for
     from koala_lib.model.checkpoints import resolve_checkpoint
     from koala_lib.train.data import variant_name
 

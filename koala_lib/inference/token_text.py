@@ -20,7 +20,7 @@ import functools
 import re
 from typing import Callable, Iterable
 
-from koala_lib.generate import TokenLogprob
+from koala_lib.inference.generate import TokenLogprob
 
 _PROBE = "Hi é 日本 🐨"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
