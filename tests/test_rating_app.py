@@ -1,5 +1,6 @@
-"""`koala rate` (koala_lib/evaluation/rating_app.py): the study file, the JSON API on a real loopback server, and
-the rating page in headless Chromium against a server process that is SIGKILLed and restarted.
+"""`koala rate` (koala_lib/evaluation/rating_app.py): the study file, the JSON API on a real loopback server, a
+`koala rate serve` process SIGKILLed and restarted under the JSON API alone, and the rating page in headless
+Chromium against a server process that is SIGKILLed and restarted.
 
 The browser test needs Debian's `chromium` and `chromium-driver` and selenium; it is skipped without them.
 """
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -293,13 +295,22 @@ def test_no_model_name_reaches_the_browser(study):
     assert len(api.seen) > 40
 
 
-# ----------------------------------------------------------------------------- the page in a browser
+# ----------------------------------------------------------------------------- a server process, SIGKILLed
 
 
-def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(db: Path, port: int, log: Path, cli: bool = False) -> subprocess.Popen:
+    """The rating app in its own process: serve_forever through `python -c`, or with `cli` `koala rate serve`."""
     code = f"from koala_lib.evaluation.rating_app import serve_forever; serve_forever({str(db)!r}, port={port})"
+    argv = ([sys.executable, "-m", "koala_lib.cli", "rate", "serve", "--db", str(db), "--host", "127.0.0.1",
+             "--port", str(port)] if cli else [sys.executable, "-c", code])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -315,6 +326,61 @@ def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
     raise AssertionError(f"the server did not start:\n{log.read_text()}")
 
 
+def test_api_ratings_survive_a_sigkill(tmp_path):
+    """The browser test's guarantee without a browser: `koala rate serve` in its own process, ratings POSTed as
+    rate.html sends them, SIGKILL right after the last 2xx, restart on the same file: nothing acknowledged is lost."""
+    db = tmp_path / "study.db"
+    tokens = create_study(db, make_items(6), ["alice", "bob"], seed=5)
+    alice = tokens["alice"]
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = start_server(db, port, log, cli=True)
+    sent: dict[str, str] = {}  # key -> the choice acknowledged with a 200
+    try:
+        api = Api(f"http://127.0.0.1:{port}")
+        status, shown = api.next(alice)  # what the page does on load
+        assert status == 200 and (shown["done"], shown["total"]) == (0, 6)
+        for choice in ("left", "tie", "right", "left"):  # then one POST per click, showing the screen it answers
+            status, after = api.rate(alice, shown["key"], choice)
+            assert status == 200, after
+            sent[shown["key"]] = choice
+            assert after["done"] == len(sent) and after["key"] not in sent
+            shown = after
+        os.kill(proc.pid, signal.SIGKILL)  # no graceful shutdown, at once after the last acknowledgement
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+
+        with closing(sqlite3.connect(db)) as con:  # the file alone holds every acknowledged rating, exactly
+            stored = dict(con.execute("SELECT key, choice FROM ratings"))
+        assert stored == sent
+
+        proc = start_server(db, port, log, cli=True)
+        status, resumed = api.next(alice)  # a reload resumes at the screen shown before the kill
+        assert status == 200 and resumed == shown
+        assert (resumed["done"], resumed["total"]) == (4, 6)
+        assert resumed["key"] == keys_of(db, "alice")[4] and resumed["key"] not in sent
+        for key, choice in sent.items():
+            status, item = api.item(alice, key)
+            assert status == 200 and item["choice"] == choice
+            # still final after the restart: a retry is accepted with the same next screen, a change is 409
+            assert api.rate(alice, key, choice) == (200, shown)
+            other = next(c for c in ("left", "tie", "right") if c != choice)
+            assert api.rate(alice, key, other)[0] == 409
+        assert api.next(tokens["bob"])[1]["done"] == 0
+        for choice in ("right", "tie"):
+            status, shown = api.rate(alice, shown["key"], choice)
+            assert status == 200
+        assert shown == {"finished": True, "done": 6, "total": 6}
+        assert rater_report(db)["alice"]["rated"] == 6
+        api.assert_no_secrets()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- the page in a browser
+
+
 @pytest.mark.browser
 def test_rating_in_the_browser_survives_a_sigkill(tmp_path, chromium):
     from selenium.webdriver.common.by import By
@@ -323,9 +389,7 @@ def test_rating_in_the_browser_survives_a_sigkill(tmp_path, chromium):
     driver = chromium
     db = tmp_path / "study.db"
     tokens = create_study(db, make_items(8, payload_at=2), ["alice", "bob"], seed=11)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     api = Api(url)
     log = tmp_path / "server.log"
