@@ -211,6 +211,9 @@ class GenerateConfig:
     stop: tuple[str, ...] = doc(("USER:",), "an answer ends where one of these appears (the next user turn)")
     batch_size: int = doc(16, "prompts decoded together")
     max_queue: int = doc(64, "koala serve: requests waiting beyond this get HTTP 429")
+    batching: str = doc("continuous", "koala serve: continuous (requests join and leave between decode steps) or static (what waits is decoded together to the end of its longest answer)")
+    slots: int = doc(16, "koala serve: requests decoded together (KV-cache slots)")
+    max_body_bytes: int = doc(1 << 20, "koala serve: a request body over this many bytes gets HTTP 413")
     moderation_words: tuple[str, ...] = doc((), "koala serve: a request or answer containing one of these words is refused (case-insensitive)")
 
 
@@ -340,6 +343,12 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
             raise ConfigError(f"eval.calibration.sources: {name!r} has no human preference labels (allowed: hh, webgpt, summarize)")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
+    g = cfg.generate
+    if g.batching not in ("continuous", "static"):
+        raise ConfigError(f"generate.batching: {g.batching!r}; allowed: continuous, static")
+    for key in ("slots", "max_queue", "max_body_bytes"):
+        if getattr(g, key) < 1:
+            raise ConfigError(f"generate.{key}: {getattr(g, key)}; it must be at least 1")
     return cfg
 
 

@@ -46,6 +46,21 @@ def tiny_generator():
 
 
 @pytest.fixture(scope="session")
+def smollm2_generator():
+    """A Generator for the default model (SmolLM2-135M-Instruct from the embedded GGUF, fp32); skipped without it."""
+    from transformers import AutoTokenizer
+
+    from koala_lib.inference.generate import Generator
+    from koala_lib.model.checkpoints import load_hf, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint("default")
+    except FileNotFoundError as missing:
+        pytest.skip(f"the default model is not installed: {missing}")
+    return Generator(load_hf(folder), AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.fixture(scope="session")
 def tiny_server(tiny_generator):
     """`koala serve`'s app on the tiny model, on a free loopback port: yields (base URL, app).
 

@@ -123,11 +123,16 @@ def test_a_prompt_decodes_alike_in_a_multiple_of_128_bucket_and_a_power_of_two_o
     assert alone.tokens == together.tokens
 
 
+def key_words(seeds):
+    """Per-row threefry key words [B, 2] for these seeds, as the jitted steps take them."""
+    return jnp.asarray([Sampling(seed=s).key_words for s in seeds], jnp.uint32)
+
+
 def test_sampling_top_k_one_and_tiny_top_p_are_greedy():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 50)), jnp.float32)
     greedy = np.asarray(jnp.argmax(logits, -1))
     ones = jnp.ones(4, jnp.float32)
-    seeds = jnp.arange(4, dtype=jnp.uint32)
+    seeds = key_words(range(4))
     by_k = sample(logits, seeds, 3, ones, ones, jnp.ones(4, jnp.int32))
     by_p = sample(logits, seeds, 3, ones, jnp.full(4, 1e-6), jnp.zeros(4, jnp.int32))
     np.testing.assert_array_equal(by_k, greedy)
@@ -136,7 +141,7 @@ def test_sampling_top_k_one_and_tiny_top_p_are_greedy():
 
 def test_sampling_draws_only_from_the_top_k_and_the_nucleus():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 400, jnp.float32))
-    seeds = jnp.arange(400, dtype=jnp.uint32)
+    seeds = key_words(range(400))
     ones = jnp.ones(400, jnp.float32)
     top2 = np.asarray(sample(logits, seeds, 0, ones, ones, jnp.full(400, 2, jnp.int32)))
     assert set(top2) == {0, 1}

@@ -243,21 +243,17 @@ def test_the_eos_that_ends_an_answer_has_its_entry_streamed_or_not(eos_generator
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_generator):
     """(the server's URL, its template, the tokenizer, transformers' LlamaForCausalLM) on the default model's folder."""
     torch = pytest.importorskip("torch")
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from koala_lib.model.checkpoints import load_hf, resolve_checkpoint
+    from koala_lib.model.checkpoints import resolve_checkpoint
 
-    try:
-        folder = resolve_checkpoint("default")
-    except FileNotFoundError as missing:
-        pytest.skip(f"the default model is not installed: {missing}")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = smollm2_generator.tokenizer
     template = template_for(config.load("smoke"), tokenizer)
-    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    app = create_app(Generator(load_hf(folder), tokenizer), template, model_name="smollm2")
+    hf = LlamaForCausalLM.from_pretrained(resolve_checkpoint("default"), dtype=torch.float32).eval()
+    app = create_app(smollm2_generator, template, model_name="smollm2")
     with serving(app) as url:
         yield url, template, tokenizer, hf
 

@@ -66,10 +66,10 @@ def test_completions_stream_and_models(tiny_server):
     assert full.object == "text_completion" and full.usage.completion_tokens == 6
 
 
-def test_32_concurrent_requests_are_batched_and_all_answered(tiny_server):
+def test_32_concurrent_requests_share_decode_steps_and_are_all_answered(tiny_server):
     url, app = tiny_server
     c = client(url)
-    before = len(app.state.batcher.batches)
+    before = app.state.batcher.metrics()
 
     def ask(i: int) -> str:
         out = c.chat.completions.create(model="koala-debug", messages=[{"role": "user", "content": f"Question number {i}?"}], max_tokens=8, temperature=0.7, seed=i)
@@ -78,8 +78,19 @@ def test_32_concurrent_requests_are_batched_and_all_answered(tiny_server):
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(32)))
     assert len(answers) == 32 and all(answers)
-    sizes = app.state.batcher.batches[before:]
-    assert sum(sizes) == 32 and max(sizes) > 1  # requests shared decode steps
+    after = app.state.batcher.metrics()
+    assert after["finished"] - before["finished"] == 32 and after["busy"] == 0
+    tokens, steps = after["tokens"] - before["tokens"], after["steps"] - before["steps"]
+    assert tokens > 2 * steps  # rows shared decode steps (one step alone per token would give tokens <= steps + 32)
+
+
+def test_the_static_batcher_still_serves(tiny_generator):
+    app = make_app(tiny_generator, batching="static")
+    with serving(app) as url, ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: post(f"{url}/v1/completions", {"model": "koala-debug", "prompt": f"n{i}", "max_tokens": 4, "temperature": 0})[0], range(8)))
+    assert got == [200] * 8
+    sizes = app.state.batcher.batches
+    assert sum(sizes) == 8 and max(sizes) > 1
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(tiny_server):
@@ -109,27 +120,25 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(tiny_server):
         assert json.loads(resp.read())["status"] == "ok"
 
 
-def test_a_full_queue_answers_429(tiny_generator):
-    app = make_app(tiny_generator, max_queue=2, max_batch=1)
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_full_queue_answers_429(tiny_generator, batching):
+    app = make_app(tiny_generator, max_queue=2, max_batch=1, batching=batching)
     batcher = app.state.batcher
     body = {"model": "koala-debug", "messages": HELLO, "max_tokens": 2}
     with serving(app) as url:
         results: list[int] = []
         send = lambda: results.append(post(f"{url}/v1/chat/completions", body)[0])  # noqa: E731
-        batcher._lock.acquire()  # the worker takes one job, then waits here: the queue fills up
+        batcher._lock.acquire()  # the worker takes one job, then waits here for the model: the queue fills up
         try:
-            first = threading.Thread(target=send)
-            first.start()
-            wait_for(lambda: len(batcher.batches) == 1)
-            queued = [threading.Thread(target=send) for _ in range(2)]
-            for t in queued:
+            sent = [threading.Thread(target=send) for _ in range(3)]
+            for t in sent:
                 t.start()
-            wait_for(lambda: batcher.jobs.qsize() == 2)
+            wait_for(lambda: batcher.jobs.qsize() == 2 and len(results) == 0)
             status, payload = post(f"{url}/v1/chat/completions", body)
             assert status == 429 and payload["error"]["code"] == "rate_limit_exceeded"
         finally:
             batcher._lock.release()
-        for t in [first, *queued]:
+        for t in sent:
             t.join(timeout=120)
         assert results == [200, 200, 200]
 

@@ -1,4 +1,6 @@
-"""Server-side batching: one worker thread owns the model and decodes waiting requests together.
+"""Static batching: one worker thread owns the model and decodes waiting requests together, to the end of the
+longest answer of the batch (`koala serve --set generate.batching=static`; the server's default is the continuous
+batching of koala_lib/inference/scheduler.py, which shares `Job` and `QueueFull` with this module).
 
     batcher = Batcher(generator, max_batch=16, max_queue=64)
     job = batcher.submit(ids, Sampling(...), on_event)      # raises QueueFull when max_queue jobs wait
@@ -44,6 +46,8 @@ class Batcher:
         self.window = window
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # sizes of the batches decoded, for tests and metrics
+        self.busy = 0  # requests in the batch being decoded
+        self.finished = self.cancelled = self.tokens = 0
         self._lock = threading.Lock()  # guards generate() when the worker and a direct caller share the model
         self._thread = threading.Thread(target=self._run, name="koala-batcher", daemon=True)
         self._thread.start()
@@ -56,6 +60,10 @@ class Batcher:
         except queue.Full:
             raise QueueFull(f"{self.jobs.maxsize} requests are already waiting; try again shortly") from None
         return job
+
+    def metrics(self) -> dict:
+        return {"batching": "static", "slots": self.max_batch, "busy": self.busy, "free": self.max_batch - self.busy,
+                "waiting": self.jobs.qsize(), "finished": self.finished, "cancelled": self.cancelled, "tokens": self.tokens}
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -76,6 +84,11 @@ class Batcher:
                 self.jobs.put(None)  # close after this batch
                 break
             batch.append(job)
+        for job in batch:
+            if job.cancelled:
+                self.cancelled += 1
+                job.done.set()
+                job.on_event(None)
         return [j for j in batch if not j.cancelled]
 
     def _run(self) -> None:
@@ -83,6 +96,7 @@ class Batcher:
             if not batch:
                 continue
             self.batches.append(len(batch))
+            self.busy = len(batch)
 
             def route(event: TokenEvent) -> bool:
                 job = batch[event.row]
@@ -93,9 +107,13 @@ class Batcher:
                     results = self.generator.generate([j.ids for j in batch], [j.sampling for j in batch], on_token=route)
                 for job, result in zip(batch, results):
                     job.result = result
+                    self.tokens += len(result.tokens)
+                    self.cancelled += job.cancelled
+                    self.finished += not job.cancelled
             except BaseException as exc:  # reported to every waiting client; the worker keeps serving
                 for job in batch:
                     job.error = exc
+            self.busy = 0
             for job in batch:
                 job.done.set()
                 job.on_event(None)

@@ -28,6 +28,7 @@ class KoalaChat:
     tokenizer: object
     stops: tuple[str, ...]
     name: str = "koala"
+    lead: str = " "  # the template's space between the marker and the answer: the model writes it, a reply omits it
 
     def prompt_text(self, history: Sequence[Turn], query: str, system: str = "") -> str:
         if system:  # Koala's template has no system slot: the system text opens the first user turn
@@ -49,6 +50,7 @@ class NativeChat:
     tokenizer: object
     stops: tuple[str, ...] = ()
     name: str = "native"
+    lead: str = ""
 
     def prompt_text(self, history: Sequence[Turn], query: str, system: str = "") -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + [

@@ -12,9 +12,10 @@ The host reads the tokens one step behind the device (JAX dispatches the next st
 read), decodes text, cuts stop strings, and reports each row's new text to `on_token` for streaming; a
 callback that returns True ends its row at once (finish reason "abort": a client left, a moderation check).
 
-Sampling follows transformers' order: temperature, then top-k, then top-p on what top-k kept. A row with
-temperature 0 is greedy. Each row draws from its own key, `fold_in(key(seed), step)`, so a request's sample
-does not depend on what else is in the batch.
+Sampling (koala_lib/inference/sampling.py): temperature, top-k, top-p, OpenAI's frequency and presence penalties,
+and a key per row from its seed, so a request's sample does not depend on what else is in the batch. The host's
+side of each answer (text, stop strings, streaming) is koala_lib/inference/rows.py. A server that lets requests
+join and leave between decode steps is koala_lib/inference/scheduler.py, built on this class's jitted model.
 
 Log-probabilities (`Sampling(logprobs=k)`, k alternatives from 0 to 20): each step also computes, on the device,
 the log-softmax of the model's raw logits (the model's own distribution, whatever the temperature, top-k or top-p)
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import jax
@@ -37,65 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from koala_lib.inference.rows import Completion, Row, TokenEvent, TokenLogprob, held_back  # noqa: F401 (re-exported)
+from koala_lib.inference.sampling import TOP_LOGPROBS, Sampling, penalize, row_settings, sample, score  # noqa: F401
 from koala_lib.model.llama import Llama
-
-TOP_LOGPROBS = 20  # alternatives each step computes; a row asks for 0..TOP_LOGPROBS of them
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 256  # tokens to generate at most (fewer where the context ends first)
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus: the smallest set of tokens holding this probability mass
-    top_k: int = 0  # 0 = off
-    stop: tuple[str, ...] = ("USER:",)  # generation ends where one of these appears; it is not returned
-    seed: int = 0
-    logprobs: int | None = None  # report each token's log-probability and this many alternatives; None = off
-
-    def __post_init__(self):
-        checks = {
-            "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": 0.0 <= self.temperature <= 100.0,
-            "top_p": 0.0 < self.top_p <= 1.0,
-            "top_k": self.top_k >= 0,
-            "logprobs": self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"sampling: {name}={getattr(self, name)!r} is out of range")
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
-
-
-@dataclass
-class TokenLogprob:
-    """A generated token's log-probability under the model's raw logits, and the most likely alternatives.
-
-    `start`/`end`: the characters of the answer's text (as generated, before a stop string is cut) that the token
-    makes; a token holding part of a multi-byte character spans that whole character."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, log-probability), most likely first; `Sampling.logprobs` of them
-    start: int = 0
-    end: int = 0
-
-
-@dataclass
-class Completion:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "abort" (on_token returned True)
-    prompt_tokens: int
-    logprobs: list[TokenLogprob] | None = None  # one per generated token, EOS included; None unless asked for
-
-
-@dataclass
-class TokenEvent:
-    row: int  # index of the prompt in the call
-    delta: str  # text not reported before (held back while it could be the start of a stop string)
-    finish_reason: str | None = None  # set on the row's last event
-    tokens: int = 0  # tokens the row has generated so far
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens new since the row's last event (if asked)
 
 
 class PromptTooLong(ValueError):
@@ -117,76 +61,6 @@ def prompt_bucket(n: int, minimum: int = 1) -> int:
     if n <= 2 * PROMPT_STEP:
         return bucket(n, minimum)
     return max(minimum, -(-int(n) // PROMPT_STEP) * PROMPT_STEP)
-
-
-# ----------------------------------------------------------------------------- sampling (on device)
-
-
-def sample(logits, seeds, step, temperature, top_p, top_k):
-    """Next tokens [B] from logits [B, V]; per-row temperature [B], top_p [B], top_k [B] and seed [B]."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(_):
-        vocab = logits.shape[-1]
-        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        ranked = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        ranked = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
-        kept = (before < top_p[:, None]) & jnp.isfinite(ranked)  # the first token is always kept
-        threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
-        masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
-        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
-
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
-
-
-def score(logits, token, wanted):
-    """(log-probability of `token` [B], the top ids [B, K] and their log-probabilities [B, K]) under the raw
-    logits [B, V], K = TOP_LOGPROBS; zeros of the same shapes, at no cost, unless `wanted` (a traced bool)."""
-    b, k = logits.shape[0], min(TOP_LOGPROBS, logits.shape[-1])
-
-    def compute(_):
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        top_logp, top_ids = jax.lax.top_k(logp, k)
-        return jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_logp
-
-    skip = lambda _: (jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32))
-    return jax.lax.cond(wanted, compute, skip, None)
-
-
-# ----------------------------------------------------------------------------- text on the host
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` to hold back: a possible start of a stop string, or a partial
-    UTF-8 character (the tokenizer decodes half a character as U+FFFD)."""
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    if text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold
-
-
-@dataclass
-class _Row:
-    prompt_len: int
-    limit: int  # new tokens allowed
-    stops: tuple[str, ...]
-    top: int | None = None  # alternatives wanted (Sampling.logprobs)
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    reported: int = 0  # entries of `logprobs` passed to the callback
-    text: str = ""
-    sent: int = 0  # characters reported to the callback
-    finish: str | None = None
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -220,6 +94,7 @@ class Generator:
     def __init__(self, model: Llama, tokenizer, *, max_batch: int = 16, min_prompt_bucket: int = 16, fuse: bool = True):
         self.tokenizer = tokenizer
         self.context = model.cfg.max_position_embeddings
+        self.vocab = model.cfg.vocab_size
         self.max_batch = max_batch
         self.min_prompt_bucket = min_prompt_bucket
         eos = {tokenizer.eos_token_id, model.cfg.eos_token_id}
@@ -229,25 +104,28 @@ class Generator:
         self.graphdef, self.state = nnx.split(model.fused() if fuse else model)
         self.init_cache = model.init_cache  # shapes and dtype only: it reads no parameter
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
-        backend = jax.tree.leaves(self.state)[0].devices().pop().platform
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4))
-        self._decode_wide = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4), compiler_options=wide_decode_options(backend))
+        self.backend = jax.tree.leaves(self.state)[0].devices().pop().platform
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4, 5))
+        self._decode_wide = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4, 5), compiler_options=wide_decode_options(self.backend))
         self.compiled: set[tuple[str, tuple[int, ...]]] = set()  # (function, shape bucket), for tests and benchmarks
 
-    # -- jitted pieces
+    # -- jitted pieces (`knobs`: the per-row arrays of sampling.row_settings)
 
-    def _prefill_fn(self, state, tokens, positions, valid, cache, seeds, temperature, top_p, top_k, scored):
+    def _prefill_fn(self, state, tokens, positions, valid, cache, knobs, scored):
         model = nnx.merge(self.graphdef, state)
         logits, cache = model.extend(tokens, positions, valid, cache, 0, last_only=True)
-        token = sample(logits[:, 0], seeds, 0, temperature, top_p, top_k)
-        return token, score(logits[:, 0], token, scored), cache
+        token = sample(logits[:, 0], knobs["keys"], 0, knobs["temperature"], knobs["top_p"], knobs["top_k"])
+        counts = jnp.zeros((tokens.shape[0], logits.shape[-1]), jnp.int32).at[jnp.arange(tokens.shape[0]), token].add(1)
+        return token, score(logits[:, 0], token, scored), cache, counts
 
-    def _decode_fn(self, state, token, lengths, valid, cache, index, step, seeds, temperature, top_p, top_k, scored):
+    def _decode_fn(self, state, token, lengths, valid, cache, counts, index, step, knobs, scored):
         model = nnx.merge(self.graphdef, state)
         valid = valid.at[:, index].set(True)
         logits, cache = model.extend(token[:, None], lengths[:, None], valid, cache, index, last_only=True)
-        token = sample(logits[:, 0], seeds, step, temperature, top_p, top_k)
-        return token, score(logits[:, 0], token, scored), lengths + 1, valid, cache
+        chosen = penalize(logits[:, 0], counts, knobs["frequency"], knobs["presence"])
+        token = sample(chosen, knobs["keys"], step, knobs["temperature"], knobs["top_p"], knobs["top_k"])
+        counts = counts.at[jnp.arange(token.shape[0]), token].add(1)
+        return token, score(logits[:, 0], token, scored), lengths + 1, valid, cache, counts
 
     # -- the public call
 
@@ -288,7 +166,7 @@ class Generator:
         n = len(ids)
         b = bucket(n)
         t = prompt_bucket(max(len(r) for r in ids), self.min_prompt_bucket)
-        rows = [_Row(len(r), min(p.max_new_tokens, self.context - len(r)), p.stop, p.logprobs) for r, p in zip(ids, params)]
+        rows = [Row(len(r), min(p.max_new_tokens, self.context - len(r)), p.stop, p.logprobs, i) for i, (r, p) in enumerate(zip(ids, params))]
         slots = bucket(t + max(r.limit for r in rows))
         tokens = np.full((b, t), self.pad_id, np.int32)
         valid = np.zeros((b, slots), bool)
@@ -300,66 +178,35 @@ class Generator:
             positions[i, pad:] = np.arange(len(r))
         valid[n:, t - 1] = True  # filler rows: one padding token, never read
         lengths = np.array([len(r) for r in ids] + [1] * (b - n), np.int32)
-        fill = lambda attr, default, dtype: np.array([getattr(p, attr) for p in params] + [default] * (b - n), dtype)
-        seeds, temps = fill("seed", 0, np.uint32), fill("temperature", 0.0, np.float32)
-        top_p, top_k = fill("top_p", 1.0, np.float32), fill("top_k", 0, np.int32)
+        knobs = row_settings(params, b)
         scored = np.bool_(any(r.top is not None for r in rows))  # else the scores stay on the device, all zeros
         self.compiled.update({("prefill", (b, t, slots)), ("decode", (b, slots))})
 
-        token, scores, cache = self._prefill(self.state, tokens, positions, valid, self.init_cache(b, slots), seeds, temps, top_p, top_k, scored)
+        token, scores, cache, counts = self._prefill(self.state, tokens, positions, valid, self.init_cache(b, slots), knobs, scored)
         lengths, valid = jnp.asarray(lengths), jnp.asarray(valid)
         decode = self._decode_wide if b >= WIDE_DECODE_ROWS else self._decode
         longest = max(r.limit for r in rows)
         for step in range(1, longest + 1):
             pending = None
             if step < longest:  # dispatch the next step before reading this one
-                pending = decode(self.state, token, lengths, valid, cache, jnp.int32(t + step - 1), jnp.int32(step), seeds, temps, top_p, top_k, scored)
+                pending = decode(self.state, token, lengths, valid, cache, counts, jnp.int32(t + step - 1), jnp.int32(step), knobs, scored)
             host = np.asarray(token)
             chosen, top_ids, top_logp = (np.asarray(a).tolist() for a in scores) if scored else (None, None, None)
             for i, row in enumerate(rows):
                 if row.finish is None:
                     entry = None if row.top is None else TokenLogprob(int(host[i]), chosen[i], list(zip(top_ids[i][: row.top], top_logp[i][: row.top])))
-                    self._advance(i, row, int(host[i]), on_token, entry)
+                    self.report(row, row.push(int(host[i]), entry, self.decode, self.eos_ids), on_token)
             if all(r.finish for r in rows) or pending is None:
                 break
-            token, scores, lengths, valid, cache = pending
-        return [Completion(r.text, r.tokens, r.finish or "length", r.prompt_len, None if r.top is None else r.logprobs) for r in rows]
+            token, scores, lengths, valid, cache, counts = pending
+        return [r.completion() for r in rows]
 
-    def _advance(self, i: int, row: _Row, token: int, on_token, entry: TokenLogprob | None = None) -> None:
-        done = len(row.text.rstrip("\ufffd"))  # characters complete before this token
-        if entry is not None:
-            entry.start = entry.end = done
-            row.logprobs.append(entry)
-        if token in self.eos_ids:
-            return self._finish(i, row, "stop", on_token)
-        row.tokens.append(token)
-        row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if entry is not None:  # a trailing partial character counts as one
-            whole = row.text.rstrip("\ufffd")
-            entry.end = max(done, len(whole) + (len(whole) < len(row.text)))
-        for stop in row.stops:
-            cut = row.text.find(stop)
-            if cut >= 0:
-                row.text = row.text[:cut]
-                return self._finish(i, row, "stop", on_token)
-        if len(row.tokens) >= row.limit:
-            return self._finish(i, row, "length", on_token)
-        ready = len(row.text) - held_back(row.text, row.stops)
-        if on_token is not None and ready > row.sent:
-            abort = on_token(TokenEvent(i, row.text[row.sent:ready], None, len(row.tokens), self._unreported(row)))
-            row.sent = ready
-            if abort:
-                row.text = row.text[:ready]
-                row.finish = "abort"
-
-    def _finish(self, i: int, row: _Row, reason: str, on_token) -> None:
-        row.text = row.text.rstrip("\ufffd")
-        row.finish = reason
-        if on_token is not None:
-            on_token(TokenEvent(i, row.text[row.sent:], reason, len(row.tokens), self._unreported(row)))
-            row.sent = len(row.text)
+    def decode(self, tokens: list[int]) -> str:
+        """Generated ids -> text (special tokens dropped)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     @staticmethod
-    def _unreported(row: _Row) -> list[TokenLogprob]:
-        entries, row.reported = row.logprobs[row.reported:], len(row.logprobs)
-        return entries
+    def report(row: Row, event: TokenEvent | None, on_token) -> None:
+        """Pass a row's event to the callback; a callback that returns True (while the row runs) ends the row."""
+        if event is not None and on_token is not None and on_token(event) and row.finish is None:
+            row.abort()

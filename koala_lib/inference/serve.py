@@ -9,9 +9,19 @@ with the model's own chat template where `generate.native_template` says so: the
 `POST /v1/completions` (a raw prompt), `GET /v1/models`, `GET /health`, and the chat page `GET /`.
 `stream: true` answers with server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 
+Requests are scheduled by continuous batching (koala_lib/inference/scheduler.py; `batching="static"` keeps the
+older batcher of koala_lib/inference/batching.py). Each request stands alone: its fields are checked with
+OpenAI's ranges (koala_lib/inference/openai_api.py), its moderation scan and tokenization run in a worker thread
+off the event loop, and a client that disconnects, streamed or not, has its generation cancelled and its slot freed.
 Errors are OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for malformed JSON,
-wrong types, a prompt longer than the context or a flagged request; 401 for a missing or wrong API key
-(when one is set); 404 for an unknown model; 429 when the request queue is full. The server keeps serving.
+wrong types or out-of-range fields (naming the field), a prompt longer than the context or a flagged request; 401
+for a missing or wrong API key (when one is set); 404 for an unknown model or route; 413 for a body over
+`max_body_bytes`; 429 when the request queue is full. The server keeps serving. `GET /health` shows the
+scheduler's counters (busy and free slots, waiting, finished, cancelled, tokens).
+
+Text streams as soon as it is decodable (a partial UTF-8 character or the possible start of a stop string is
+held back); only with moderation on is it passed on in whole words. The space that joins Koala's marker to the
+answer belongs to the template: chat replies start at the answer's first character.
 
 Log-probabilities, as OpenAI's API gives them (`koala_lib/inference/token_text.py` shapes them): chat takes `logprobs: true`
 and `top_logprobs` (0-20; without `logprobs: true`, a 400) and answers `choices[0].logprobs.content`, one entry
@@ -31,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import re
 import socket
@@ -39,19 +48,20 @@ import threading
 import time
 import uuid
 from importlib import resources
-from typing import Callable, Iterator, Literal, Union
+from typing import Callable, Iterator, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from koala_lib.inference.batching import Batcher, Job, QueueFull
-from koala_lib.inference.chat_format import KoalaChat, NativeChat
 from koala_lib.conditioning.template import Template
 from koala_lib.config import ConfigError
-from koala_lib.data.schema import Turn
-from koala_lib.inference.generate import TOP_LOGPROBS, Generator, PromptTooLong, Sampling, TokenEvent, TokenLogprob
+from koala_lib.inference.batching import Batcher, Job, QueueFull
+from koala_lib.inference.chat_format import KoalaChat, NativeChat
+from koala_lib.inference.generate import Generator, PromptTooLong, Sampling, TokenEvent, TokenLogprob
+from koala_lib.inference.openai_api import ApiError, ChatBody, CompletionBody, Gate, _Body, conversation, http_error, validation_error
+from koala_lib.inference.scheduler import ContinuousBatcher
 from koala_lib.inference.token_text import TokenText, chat_logprobs, legacy_logprobs
 
 Moderation = Callable[[str], Union[str, None]]
@@ -68,74 +78,6 @@ def word_list(words: tuple[str, ...] | list[str]) -> Moderation:
     return check
 
 
-# ----------------------------------------------------------------------------- request bodies (OpenAI's fields)
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # strict: "max_tokens": "7" is a 400, not 7
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    seed: int | None = None
-
-    def logprob_count(self) -> int | None:  # Sampling.logprobs: alternatives per token, None = no logprobs
-        return None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
-
-    def logprob_count(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class CompletionBody(_Body):
-    prompt: str = Field(min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)  # the legacy API's: alternatives per token
-
-    def logprob_count(self) -> int | None:
-        return self.logprobs
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def conversation(messages: list[Message]) -> tuple[str, list[Turn], str]:
-    """(system text, history, query) from chat messages; turns after the system messages must alternate."""
-    system = "\n\n".join(m.content for m in messages if m.role == "system")
-    turns = [m for m in messages if m.role != "system"]
-    if not turns or turns[-1].role != "user":
-        raise ApiError(400, "the last message must come from the user", param="messages")
-    for i, m in enumerate(turns):
-        if m.role != ("user" if i % 2 == 0 else "assistant"):
-            raise ApiError(400, f"messages must alternate user and assistant; message {i} is {m.role!r}", param="messages")
-    texts = [m.content for m in turns]
-    history = [Turn("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts[:-1])]
-    return system, history, texts[-1]
-
-
 # ----------------------------------------------------------------------------- the app
 
 
@@ -149,10 +91,20 @@ def create_app(
     max_queue: int = 64,
     default_max_tokens: int = 256,
     max_batch: int | None = None,
+    batching: str = "continuous",
+    max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
     """The server's app; its batcher starts now and stops when the app shuts down. Chat messages are rendered with
-    `template`: Koala's (a Template), or a chat format of koala_lib.inference.chat_format (e.g. the model's own template)."""
-    batcher = Batcher(generator, max_batch=max_batch or generator.max_batch, max_queue=max_queue)
+    `template`: Koala's (a Template), or a chat format of koala_lib.inference.chat_format (e.g. the model's own
+    template). `batching`: "continuous" (requests join and leave between decode steps, `max_batch` slots) or "static"
+    (what waits is decoded together to the end of its longest answer)."""
+    slots = max_batch or generator.max_batch
+    if batching == "continuous":
+        batcher = ContinuousBatcher(generator, slots=slots, max_queue=max_queue)
+    elif batching == "static":
+        batcher = Batcher(generator, max_batch=slots, max_queue=max_queue)
+    else:
+        raise ValueError(f"batching={batching!r}: expected 'continuous' or 'static'")
     check = moderation or (lambda text: None)
     chat = KoalaChat(template, generator.tokenizer, (template.cfg.user_marker,)) if isinstance(template, Template) else template
     names = TokenText(generator.tokenizer)
@@ -164,30 +116,23 @@ def create_app(
 
     app = FastAPI(title="koala-kit", lifespan=lifespan)
     app.state.batcher = batcher
+    app.add_middleware(Gate, max_bytes=max_body_bytes, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return ApiError(400, "the body is not valid JSON").response()
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
-        return ApiError(400, message, param=where or None).response()
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return exc.response()
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        given = request.headers.get("authorization", "")
-        if api_key and request.url.path.startswith("/v1/") and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            return ApiError(401, "missing or wrong API key (send `Authorization: Bearer <key>`)", type_="authentication_error").response()
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, exc: StarletteHTTPException):
+        return http_error(exc).response()
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "waiting": batcher.jobs.qsize()}
+        return {"status": "ok", "model": model_name, **batcher.metrics()}
 
     @app.get("/v1/models")
     async def models():
@@ -198,9 +143,8 @@ def create_app(
         return (resources.files("koala_lib.inference") / "static" / "chat.html").read_text(encoding="utf-8")
 
     def prepare(body: _Body, text: Callable[[], list[int]], said: str, extra_stops: tuple[str, ...]) -> tuple[list[int], Sampling]:
-        """Token ids and sampling settings of a request; `said` is what the client wrote (moderated)."""
-        if body.model != model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server has {model_name!r}", code="model_not_found", param="model")
+        """Token ids and sampling settings of a request; `said` is what the client wrote (moderated). Runs in a
+        worker thread: a long prompt's moderation scan and tokenization never stall the event loop."""
         reason = check(said)
         if reason:
             raise ApiError(400, f"the request was refused by the moderation check: {reason}", code="content_filter")
@@ -209,33 +153,45 @@ def create_app(
             generator.check_prompt(ids)
         except PromptTooLong as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded", param="messages") from None
-        requested = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         sampling = Sampling(
-            max_new_tokens=body.max_tokens or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
-            stop=tuple(dict.fromkeys([*extra_stops, *requested])), seed=body.seed if body.seed is not None else int(time.time_ns() % 2**31),
-            logprobs=body.logprob_count(),
+            max_new_tokens=body.token_limit() or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
+            stop=tuple(dict.fromkeys([*extra_stops, *body.stops()])), seed=body.seed if body.seed is not None else int(time.time_ns() % 2**63),
+            logprobs=body.logprob_count(), frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
         )
         return ids, sampling
 
-    async def run(ids: list[int], sampling: Sampling):
+    async def prepared(body: _Body, *args) -> tuple[list[int], Sampling]:
+        if body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server has {model_name!r}", code="model_not_found", param="model")
+        body.logprob_count()  # a 400 for top_logprobs without logprobs, before any work
+        return await asyncio.to_thread(prepare, body, *args)
+
+    async def run(ids: list[int], sampling: Sampling, lead: str):
         """Queue a job and yield (text delta, finish reason or None, tokens so far, logprob entries) as the worker
-        produces them; a token's entry goes with the delta that completes its text."""
+        produces them; a token's entry goes with the delta that completes its text. `lead`: text of the template
+        that the model writes first (the space after Koala's marker), not passed on."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        text = {"sent": "", "held": ""}  # text passed to the client, and a trailing partial word held back
+        text = {"raw": "", "sent": 0, "begun": not lead}  # the answer as generated; its characters passed on (or skipped)
         held: list[TokenLogprob] = []  # entries of tokens whose text is not all passed on yet
 
         def on_event(event: TokenEvent | None) -> bool:
             if event is None:
                 loop.call_soon_threadsafe(events.put_nowait, None)
                 return False
-            whole = text["sent"] + text["held"] + event.delta
+            raw = text["raw"] = text["raw"] + event.delta
             held.extend(event.logprobs)
-            if check(whole):  # the flagged word never reaches the client (nor its tokens): only whole words are passed on
+            if not text["begun"]:  # skip the template's lead once the answer shows whether it starts with it
+                if lead.startswith(raw) and len(raw) < len(lead) and not event.finish_reason:
+                    return False
+                text["begun"], text["sent"] = True, len(lead) if raw.startswith(lead) else 0
+            if check(raw):  # the flagged word never reaches the client (nor its tokens)
                 loop.call_soon_threadsafe(events.put_nowait, ("", "content_filter", event.tokens, []))
                 return True
-            cut = len(whole) if event.finish_reason else max(whole.rfind(" "), whole.rfind("\n"), len(text["sent"]) - 1) + 1
-            delta, text["sent"], text["held"] = whole[len(text["sent"]):cut], whole[:cut], whole[cut:]
+            cut = len(raw)
+            if moderation is not None and not event.finish_reason:  # moderation reads whole words: hold a partial one
+                cut = max(raw.rfind(" "), raw.rfind("\n"), text["sent"] - 1) + 1
+            delta, text["sent"] = raw[text["sent"]:cut], max(cut, text["sent"])
             ready = len(held) if event.finish_reason else next((k for k, e in enumerate(held) if e.end > cut), len(held))
             entries, held[:] = held[:ready], held[ready:]
             loop.call_soon_threadsafe(events.put_nowait, (delta, event.finish_reason, event.tokens, entries))
@@ -248,7 +204,7 @@ def create_app(
         try:
             while True:
                 item = await events.get()
-                if item is None:  # the batch ended without a final event for this job: an error
+                if item is None:  # the job ended without a final event: an error, or the server is closing
                     raise ApiError(500, f"generation failed: {job.error!r}", type_="server_error")
                 yield item
                 if item[1] is not None:
@@ -256,11 +212,15 @@ def create_app(
         finally:
             job.cancelled = True  # a client that left, or a finished job: either way nothing more is wanted
 
-    async def respond(body: _Body, ids: list[int], sampling: Sampling, chat: bool, prompt: str = ""):
+    async def until_disconnected(request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+
+    async def respond(request: Request, body: _Body, ids: list[int], sampling: Sampling, chat: bool, prompt: str = ""):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model_name}
-        stream = run(ids, sampling)
+        stream = run(ids, sampling, chat_lead if chat else "")
         first = await stream.__anext__()  # errors (429, ...) surface before any byte is sent
 
         def logprobs(entries: list[TokenLogprob]) -> dict | None:
@@ -270,10 +230,25 @@ def create_app(
 
         if not body.stream:
             parts, finish, used, entries = [first[0]], first[1], first[2], list(first[3])
-            if finish is None:
+
+            async def collect():
+                nonlocal finish, used
                 async for delta, finish, used, more in stream:
                     parts.append(delta)
                     entries.extend(more)
+
+            if finish is None:  # a client that leaves before the answer is complete cancels its generation
+                gone = asyncio.ensure_future(until_disconnected(request))
+                done = asyncio.ensure_future(collect())
+                await asyncio.wait({gone, done}, return_when=asyncio.FIRST_COMPLETED)
+                if not done.done():
+                    done.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await done
+                    await stream.aclose()  # ends the job: its slot is freed at the next step
+                    return JSONResponse(ApiError(499, "the client closed the request").body(), status_code=499)
+                gone.cancel()
+                done.result()  # an error of the generation, if any
             text = "".join(parts)
             choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs(entries)}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
@@ -310,17 +285,19 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    chat_lead = getattr(chat, "lead", "")
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
+    async def chat_completions(body: ChatBody, request: Request):
         system, history, query = conversation(body.messages)
         said = "\n".join(m.content for m in body.messages)
-        ids, sampling = prepare(body, lambda: chat.prompt_ids(history, query, system), said, chat.stops)
-        return await respond(body, ids, sampling, chat=True)
+        ids, sampling = await prepared(body, lambda: chat.prompt_ids(history, query, system), said, chat.stops)
+        return await respond(request, body, ids, sampling, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        ids, sampling = prepare(body, lambda: generator.encode(body.prompt), body.prompt, ())
-        return await respond(body, ids, sampling, chat=False, prompt=body.prompt)
+    async def completions(body: CompletionBody, request: Request):
+        ids, sampling = await prepared(body, lambda: generator.encode(body.prompt), body.prompt, ())
+        return await respond(request, body, ids, sampling, chat=False, prompt=body.prompt)
 
     return app
 
@@ -379,7 +356,8 @@ def app_for_profile(cfg, model: str | None = None, checkpoint: str | None = None
     chat = format_for(cfg, who.name, gen.tokenizer, who.extra, who.stand_in)  # the base model: its own chat template
     return create_app(gen, chat, model_name=who.name, api_key=api_key,
                       moderation=word_list(words) if words else None, max_queue=cfg.generate.max_queue,
-                      default_max_tokens=cfg.generate.max_new_tokens)
+                      default_max_tokens=cfg.generate.max_new_tokens, max_batch=cfg.generate.slots,
+                      batching=cfg.generate.batching, max_body_bytes=cfg.generate.max_body_bytes)
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:

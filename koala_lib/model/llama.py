@@ -137,20 +137,28 @@ class Attention(nnx.Module):
         return self.attend(*self.project(x, cos, sin), mask, self.causal_blocks(x.shape[1]))
 
     def cached(self, x, cos, sin, mask, kv: tuple[jax.Array, jax.Array], index: jax.Array):
-        """Attention of T new tokens written at cache slots index..index+T-1; returns (out, updated kv).
+        """Attention of T new tokens written at cache slots index..index+T-1 (`index` a scalar, or one per row [B]);
+        returns (out, updated kv).
 
         The cache is laid out [B, K, S, H]: one query token (decoding) then reads each head's keys contiguously.
         """
         t = x.shape[1]
         q, k, v = self.project(x, cos, sin)  # [B, T, N, H], [B, T, K, H]
-        slot = (0, 0, index, 0)
-        cache_k = jax.lax.dynamic_update_slice(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype), slot)  # [B, K, S, H]
-        cache_v = jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), slot)
+        cache_k, cache_v = (write_slots(c, new.swapaxes(1, 2).astype(c.dtype), index) for c, new in zip(kv, (k, v)))  # [B, K, S, H]
         if t == 1:
             out = self.output(one_query_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask))
         else:
             out = self.attend(q, cache_k.swapaxes(1, 2).astype(q.dtype), cache_v.swapaxes(1, 2).astype(q.dtype), mask)
         return out, (cache_k, cache_v)
+
+
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` [B, K, T, H] written into `cache` [B, K, S, H] at slots index..index+T-1: one index for every row, or
+    one per row ([B]: rows that joined a running batch at different times)."""
+    index = jnp.asarray(index, jnp.int32)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, 0)))(cache, new, index)
 
 
 def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -301,7 +309,8 @@ class Llama(nnx.Module):
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers)
 
     def extend(self, tokens, positions, valid, cache, index, last_only: bool = False):
-        """Run tokens [B, T] at cache slots index..index+T-1 and return (logits, updated cache).
+        """Run tokens [B, T] at cache slots index..index+T-1 and return (logits, updated cache); `index` is one slot
+        for every row, or one per row [B] (continuous batching: each row writes where its own answer has got to).
 
         `valid` [B, S] marks the slots that hold real tokens (these T included): a query at slot i attends to
         the valid slots j <= i, so left padding is never seen. `positions` [B, T] are the rotary positions
@@ -309,9 +318,9 @@ class Llama(nnx.Module):
         """
         b, t = tokens.shape
         slots = valid.shape[1]
-        query_slot = index + jnp.arange(t)  # [T]
-        causal = jnp.arange(slots)[None, :] <= query_slot[:, None]  # [T, S]
-        mask = (valid[:, None, :] & causal[None])[:, None]  # [B, 1, T, S]
+        query_slot = jnp.asarray(index, jnp.int32)[..., None] + jnp.arange(t)  # [T], or [B, T] for per-row indices
+        causal = jnp.arange(slots) <= query_slot[..., None]  # [T, S] or [B, T, S]
+        mask = (valid[:, None, :] & causal)[:, None]  # [B, 1, T, S]
         cos, sin = rotary(positions, self.inv_freq[...])  # [B, T, 1, H]
         x = self.embed_tokens(tokens)  # [B, T, D]
         new_cache = []
