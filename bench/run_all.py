@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["curation.py", "conditioning.py", "model_forward.py", "train_step.py", "generate.py", "leakage.py"]
+SCRIPTS = ["curation.py", "conditioning.py", "model_forward.py", "train_step.py", "generate.py", "serve.py", "leakage.py"]
 
 if __name__ == "__main__":
     import jax

@@ -3,6 +3,7 @@ stop strings, streaming, and bucketed compilation."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -227,3 +228,23 @@ def test_parity_greedy_generation_equals_transformers_generate_on_smollm2():
         ref = ref[: ref.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ref else ref
         assert out.tokens == ref, prompt
     assert [s.tokens for s in single] == [b.tokens for b in batched[:2]]
+
+
+def test_top_k_and_top_p_on_candidates_keep_what_a_full_sort_keeps(monkeypatch):
+    """The fast path (the 256 most likely tokens), the fallback (a full sort when the kept set may reach beyond the
+    candidates: here with 8 of them) and a full sort from the start draw the same tokens from the same keys."""
+    from koala_lib.inference import sampling
+
+    rng = np.random.default_rng(0)
+    b, v = 64, 5000
+    draws = {}
+    for scale in (0.5, 3.0, 8.0):  # flat to peaked distributions: nuclei of thousands of tokens down to one
+        logits = jnp.asarray(rng.normal(size=(b, v)) * scale, jnp.float32)
+        args = (logits, key_words(range(b)), 3, jnp.asarray(rng.choice([0.7, 1.0, 1.3], b), jnp.float32),
+                jnp.asarray(rng.choice([1.0, 0.9, 0.5, 0.99, 0.0], b), jnp.float32), jnp.asarray(rng.choice([0, 0, 1, 5, 300, 6000], b), jnp.int32))
+        for candidates in (256, 8, v):
+            monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+            draws[candidates] = np.asarray(jax.jit(sample)(*args))
+        np.testing.assert_array_equal(draws[256], draws[v])
+        np.testing.assert_array_equal(draws[8], draws[v])
+        assert len(set(draws[v].tolist())) > b // 2  # they are draws, not all the greedy token

@@ -92,27 +92,57 @@ def penalize(logits, counts, frequency, presence):
     return jax.lax.cond(jnp.any(frequency != 0) | jnp.any(presence != 0), apply, lambda _: logits, None)
 
 
+CANDIDATES = 256  # top-k / top-p look at this many most likely tokens first; a full sort only where they fall short
+
+
+def _truncation(ranked, lse, temperature_ok, top_p, top_k):
+    """Per row, the lowest scaled logit kept by top-k then top-p, from `ranked` [B, n] (the n largest scaled logits,
+    descending) and the log-normaliser `lse` [B, 1] of what top-k keeps; and whether `ranked` held the whole kept
+    set. -inf (keep everything) where a row truncates nothing."""
+    b, n = ranked.shape
+    rank = jnp.arange(n)[None, :]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, n), n)[:, None]
+    ranked = jnp.where(rank < k, ranked, -jnp.inf)
+    probs = jnp.exp(ranked - lse)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
+    kept = ((before < top_p[:, None]) | (rank == 0)) & jnp.isfinite(ranked)  # the first token is always kept
+    threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1)
+    truncates = (top_p < 1.0) | (top_k > 0)
+    whole = (~kept[:, -1]) | ((top_k > 0) & (top_k <= n))  # the last candidate is out, or top-k alone decides
+    return jnp.where(truncates, threshold, -jnp.inf), whole | ~truncates | ~temperature_ok
+
+
 def sample(logits, keys, step, temperature, top_p, top_k):
     """Next tokens [B] from logits [B, V]; per-row key words [B, 2] (uint32), step (scalar or [B]), temperature [B],
-    top_p [B] and top_k [B]."""
+    top_p [B] and top_k [B].
+
+    Top-k and top-p first look at the `CANDIDATES` most likely tokens (`lax.top_k`); only when some row's kept set
+    may reach beyond them does the step sort the whole vocabulary (on a CPU, sorting 16 x 49,152 logits costs
+    about ten times the rest of a small model's sampling). Both give the same kept set."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
         b, vocab = logits.shape
+        sampled = temperature > 0
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        ranked = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        ranked = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
-        first = jnp.arange(vocab)[None, :] == 0  # the most likely token is always kept (top_p 0 keeps it alone)
-        kept = ((before < top_p[:, None]) | first) & jnp.isfinite(ranked)
-        threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
-        masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        n = min(CANDIDATES, vocab)
+        top, _ = jax.lax.top_k(scaled, n)  # [B, n] descending
+        k_lse = jax.nn.logsumexp(jnp.where(jnp.arange(n)[None, :] < top_k[:, None], top, -jnp.inf), axis=-1, keepdims=True)
+        lse = jnp.where((top_k > 0)[:, None] & (top_k <= n)[:, None], k_lse, jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+        threshold, whole = _truncation(top, lse, sampled, top_p, top_k)
+
+        def exact(_):  # the whole vocabulary, sorted
+            ranked = -jnp.sort(-scaled, axis=-1)
+            k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+            full_lse = jax.nn.logsumexp(jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf), axis=-1, keepdims=True)
+            return _truncation(ranked, full_lse, sampled, top_p, top_k)[0]
+
+        threshold = jax.lax.cond(jnp.all(whole), lambda _: threshold, exact, None)
+        masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
         steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
         row_key = lambda words, s: jax.random.fold_in(jax.random.wrap_key_data(words, impl="threefry2x32"), s)
         drawn = jax.vmap(jax.random.categorical)(jax.vmap(row_key)(keys, steps), masked).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
+        return jnp.where(sampled, drawn, greedy)
 
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
 
