@@ -210,13 +210,17 @@ def test_message_text_is_not_html(driver, tiny_server):
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
 
 
-def test_temperature_control_is_sent(driver, tiny_server):
+def test_temperature_and_repetition_controls_are_sent(driver, tiny_server):
     url, _ = tiny_server
     open_page(driver, url)
     set_value(driver, "#max-tokens", "20")
+    assert by_css(driver, "#penalty-value")[0].text == "0.3"
     slider = by_css(driver, "#temperature")[0]
     driver.execute_script("arguments[0].value = '0'; arguments[0].dispatchEvent(new Event('input'));", slider)
     assert by_css(driver, "#temperature-value")[0].text == "0.0"
+    penalty = by_css(driver, "#penalty")[0]
+    driver.execute_script("arguments[0].value = '1.2'; arguments[0].dispatchEvent(new Event('input'));", penalty)
+    assert by_css(driver, "#penalty-value")[0].text == "1.2"
 
     question = "What do koalas eat?"
     answers = []
@@ -229,7 +233,7 @@ def test_temperature_control_is_sent(driver, tiny_server):
     assert answers[0] == answers[1], "greedy decoding (temperature 0) gave two different answers"
 
     sent = driver.execute_script("return window.__koalaRequests")
-    assert [(r["temperature"], r["max_tokens"]) for r in sent] == [(0, 20), (0, 20)]
+    assert [(r["temperature"], r["frequency_penalty"], r["max_tokens"]) for r in sent] == [(0, 1.2, 20), (0, 1.2, 20)]
     # each new chat starts from an empty history
     assert all(r["messages"] == [{"role": "user", "content": question}] for r in sent)
 
