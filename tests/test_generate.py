@@ -169,6 +169,7 @@ def test_held_back_keeps_a_possible_stop_prefix_and_half_characters():
     assert held_back("Sure. USER", ["USER:"]) == 4
     assert held_back("Sure.", ["USER:"]) == 0
     assert held_back("caf\ufffd", []) == 1
+    assert held_back("好的。用\ufffd", ["用户:"]) == 2  # a stop's first character, then half of the next one
 
 
 def test_streamed_deltas_add_up_to_the_text_and_stop_strings_are_cut(debug_model):
@@ -232,19 +233,30 @@ def test_parity_greedy_generation_equals_transformers_generate_on_smollm2():
 
 def test_top_k_and_top_p_on_candidates_keep_what_a_full_sort_keeps(monkeypatch):
     """The fast path (the 256 most likely tokens), the fallback (a full sort when the kept set may reach beyond the
-    candidates: here with 8 of them) and a full sort from the start draw the same tokens from the same keys."""
+    candidates: here with 8 of them) and a full sort from the start keep the same tokens, so they draw the same."""
     from koala_lib.inference import sampling
 
     rng = np.random.default_rng(0)
     b, v = 64, 5000
-    draws = {}
     for scale in (0.5, 3.0, 8.0):  # flat to peaked distributions: nuclei of thousands of tokens down to one
         logits = jnp.asarray(rng.normal(size=(b, v)) * scale, jnp.float32)
-        args = (logits, key_words(range(b)), 3, jnp.asarray(rng.choice([0.7, 1.0, 1.3], b), jnp.float32),
-                jnp.asarray(rng.choice([1.0, 0.9, 0.5, 0.99, 0.0], b), jnp.float32), jnp.asarray(rng.choice([0, 0, 1, 5, 300, 6000], b), jnp.int32))
+        top_p = jnp.asarray(rng.choice([1.0, 0.9, 0.5, 0.99, 0.0], b), jnp.float32)
+        top_k = jnp.asarray(rng.choice([0, 0, 1, 5, 300, 6000], b), jnp.int32)  # 300: more than the candidates
+        args = (logits, key_words(range(b)), 3, jnp.asarray(rng.choice([0.7, 1.0, 1.3], b), jnp.float32), top_p, top_k)
+        kept, draws = {}, {}
         for candidates in (256, 8, v):
             monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+            kept[candidates] = np.asarray(jax.jit(sampling.kept_threshold)(logits, jnp.ones(b, bool), top_p, top_k))
             draws[candidates] = np.asarray(jax.jit(sample)(*args))
+        np.testing.assert_array_equal(kept[256], kept[v])
+        np.testing.assert_array_equal(kept[8], kept[v])
         np.testing.assert_array_equal(draws[256], draws[v])
-        np.testing.assert_array_equal(draws[8], draws[v])
         assert len(set(draws[v].tolist())) > b // 2  # they are draws, not all the greedy token
+    # one token with 32 % of the mass, 299 with 0.1 % each, a flat rest with 38 %: top_k 300 (beyond the candidates)
+    # leaves the first about 52 % of what it keeps, so top_p 0.5 keeps it alone; normalising over the whole
+    # vocabulary instead would keep the first ~180 tokens
+    row = np.log(np.array([0.32] + [0.001] * 299 + [0.381 / (v - 300)] * (v - 300), np.float32))
+    for candidates in (256, 8, v):
+        monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+        got = jax.jit(sampling.kept_threshold)(jnp.asarray(row[None]), jnp.ones(1, bool), jnp.full(1, 0.5), jnp.full(1, 300))
+        assert float(got[0]) == pytest.approx(row[0])

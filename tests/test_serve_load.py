@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import resource
 import threading
 import time
 import urllib.parse
@@ -130,7 +129,6 @@ def test_64_clients_for_60_seconds(tiny_generator):
     settled = memory[10:]
     print(f"load: {dict(statuses)}; {metrics}; RSS {settled[0]:.0f} -> {max(settled):.0f} MB")
     assert max(settled) - settled[0] < 300, f"RSS grew from {settled[0]:.0f} to {max(settled):.0f} MB"
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 < 8192
 
 
 def _describe(rng: random.Random) -> str:

@@ -57,7 +57,7 @@ def test_odd_seeds_and_penalties_in_one_batch_all_answered_and_bad_fields_named(
     app = make_app(tiny_generator, max_batch=4)
     batcher = app.state.batcher
     ok = {"model": "koala-debug", "messages": HELLO, "max_tokens": 6, "temperature": 0.7}
-    bodies = [{**ok, "seed": -1}, {**ok, "seed": 2**40}, {**ok, "seed": 7, "frequency_penalty": 1.0}, {**ok, "presence_penalty": -0.5}]
+    bodies = [{**ok, "seed": -1}, {**ok, "seed": 2**40}, {**ok, "seed": 7, "frequency_penalty": 1.0}, {**ok, "presence_penalty": -0.5, "top_p": None, "n": None}]
     bad = [({**ok, "seed": 2**64}, "seed"), ({**ok, "seed": -(2**63) - 1}, "seed"), ({**ok, "seed": 1.5}, "seed"),
            ({**ok, "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({**ok, "stop": "x" * 257}, "stop"),
            ({**ok, "temperature": 2.5}, "temperature"), ({**ok, "top_p": 1.5}, "top_p"), ({**ok, "max_tokens": 0}, "max_tokens"),
@@ -130,6 +130,26 @@ def test_a_client_that_leaves_has_its_generation_cancelled_and_its_slot_freed(ti
         status, payload = request(url, "/v1/chat/completions", {"model": "koala-debug", "messages": HELLO, "max_tokens": 3})
         assert status == 200 and payload["usage"]["completion_tokens"] <= 3
         assert time.monotonic() - start < 30
+
+
+def test_a_client_that_leaves_while_waiting_never_takes_a_slot(tiny_generator):
+    app = make_app(tiny_generator, max_batch=1)
+    batcher = app.state.batcher
+    with serving(app) as url:
+        batcher._lock.acquire()  # the worker takes the first request and waits for the model; the second waits
+        try:
+            first = send_and_leave(url, {"model": "koala-debug", "messages": HELLO, "max_tokens": 3})
+            wait_for(lambda: health(url)["received"] == 1)
+            second = send_and_leave(url, {"model": "koala-debug", "messages": HELLO, "max_tokens": 3})
+            wait_for(lambda: batcher.jobs.qsize() == 1)
+            second.close()
+            wait_for(lambda: batcher.jobs.queue[0].cancelled)  # noticed while still in the queue
+        finally:
+            batcher._lock.release()
+        wait_for(lambda: health(url)["cancelled"] == 1 and health(url)["finished"] == 1)
+        assert health(url)["admitted"] == 1  # the second request was dropped from the queue, never prefilled
+        assert b"200 OK" in first.recv(65536)
+        first.close()
 
 
 def test_streamed_text_without_spaces_arrives_before_the_end(smollm2_generator):

@@ -20,7 +20,7 @@ import hmac
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -62,6 +62,11 @@ class _Body(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
+    @field_validator("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):  # OpenAI's API takes null for "the default"
+        return cls.model_fields[info.field_name].default if value is None else value
+
     def logprob_count(self) -> int | None:  # Sampling.logprobs: alternatives per token, None = no logprobs
         return None
 
@@ -83,6 +88,11 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _null_is_false(cls, value):
+        return False if value is None else value
 
     def logprob_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

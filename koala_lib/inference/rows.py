@@ -50,15 +50,15 @@ class TokenEvent:
 def held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters of `text` to hold back: a possible start of a stop string, or a partial
     UTF-8 character (the tokenizer decodes half a character as U+FFFD)."""
+    whole = text.rstrip("\ufffd")
+    partial = len(text) - len(whole)  # a character still being completed: the stop may continue after it
     hold = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
+        for n in range(min(len(stop) - 1, len(whole)), 0, -1):
+            if whole.endswith(stop[:n]):
                 hold = max(hold, n)
                 break
-    if text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold
+    return hold + partial
 
 
 @dataclass

@@ -108,36 +108,44 @@ def _truncation(ranked, lse, temperature_ok, top_p, top_k):
     kept = ((before < top_p[:, None]) | (rank == 0)) & jnp.isfinite(ranked)  # the first token is always kept
     threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1)
     truncates = (top_p < 1.0) | (top_k > 0)
-    whole = (~kept[:, -1]) | ((top_k > 0) & (top_k <= n))  # the last candidate is out, or top-k alone decides
+    # whole: top-k keeps only candidates, and top-p closes before the last of them (or top-k alone decides)
+    within = (top_k <= n) | (top_p >= 1.0)
+    whole = within & ((~kept[:, -1]) | ((top_k > 0) & (top_k <= n)))
     return jnp.where(truncates, threshold, -jnp.inf), whole | ~truncates | ~temperature_ok
+
+
+def kept_threshold(scaled, sampled, top_p, top_k):
+    """Per row, the lowest of the scaled logits [B, V] that top-k then top-p keep (-inf: all of them).
+
+    It first looks at the `CANDIDATES` most likely tokens (`lax.top_k`); only when some row's kept set may reach
+    beyond them does it sort the whole vocabulary (on a CPU, sorting 16 x 49,152 logits costs about ten times the
+    rest of a small model's sampling). Both give the same threshold."""
+    vocab = scaled.shape[-1]
+    n = min(CANDIDATES, vocab)
+    top, _ = jax.lax.top_k(scaled, n)  # [B, n] descending
+    k_lse = jax.nn.logsumexp(jnp.where(jnp.arange(n)[None, :] < top_k[:, None], top, -jnp.inf), axis=-1, keepdims=True)
+    lse = jnp.where((top_k > 0)[:, None] & (top_k <= n)[:, None], k_lse, jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+    threshold, whole = _truncation(top, lse, sampled, top_p, top_k)
+
+    def exact(_):  # the whole vocabulary, sorted
+        ranked = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        full_lse = jax.nn.logsumexp(jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf), axis=-1, keepdims=True)
+        return _truncation(ranked, full_lse, sampled, top_p, top_k)[0]
+
+    return jax.lax.cond(jnp.all(whole), lambda _: threshold, exact, None)
 
 
 def sample(logits, keys, step, temperature, top_p, top_k):
     """Next tokens [B] from logits [B, V]; per-row key words [B, 2] (uint32), step (scalar or [B]), temperature [B],
-    top_p [B] and top_k [B].
-
-    Top-k and top-p first look at the `CANDIDATES` most likely tokens (`lax.top_k`); only when some row's kept set
-    may reach beyond them does the step sort the whole vocabulary (on a CPU, sorting 16 x 49,152 logits costs
-    about ten times the rest of a small model's sampling). Both give the same kept set."""
+    top_p [B] and top_k [B]."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
-        b, vocab = logits.shape
+        b = logits.shape[0]
         sampled = temperature > 0
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        n = min(CANDIDATES, vocab)
-        top, _ = jax.lax.top_k(scaled, n)  # [B, n] descending
-        k_lse = jax.nn.logsumexp(jnp.where(jnp.arange(n)[None, :] < top_k[:, None], top, -jnp.inf), axis=-1, keepdims=True)
-        lse = jnp.where((top_k > 0)[:, None] & (top_k <= n)[:, None], k_lse, jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
-        threshold, whole = _truncation(top, lse, sampled, top_p, top_k)
-
-        def exact(_):  # the whole vocabulary, sorted
-            ranked = -jnp.sort(-scaled, axis=-1)
-            k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-            full_lse = jax.nn.logsumexp(jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf), axis=-1, keepdims=True)
-            return _truncation(ranked, full_lse, sampled, top_p, top_k)[0]
-
-        threshold = jax.lax.cond(jnp.all(whole), lambda _: threshold, exact, None)
+        threshold = kept_threshold(scaled, sampled, top_p, top_k)
         masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
         steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (b,))
         row_key = lambda words, s: jax.random.fold_in(jax.random.wrap_key_data(words, impl="threefry2x32"), s)

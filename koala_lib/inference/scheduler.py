@@ -13,8 +13,8 @@ and a new request starts within a step or two instead of waiting for a whole bat
 
 Shapes stay static for jit: the decode step always runs all `slots` rows (free ones are masked and do not
 advance), each row writing its new token at its own cache slot (`Llama.extend` with one index per row). The
-cache's length is the power of two that holds the longest running request (prompt bucket + token limit), at
-least `min_cache`; it grows when a longer request is admitted and halves when the longest one leaves, so one
+cache's length is the power of two (above 1,024: the multiple of 512) that holds the longest running request
+(prompt bucket + token limit), at least `min_cache`; it grows when a longer request is admitted and halves when the longest one leaves, so one
 decode step is compiled per cache length in use (usually one). A request's greedy output is token-identical
 whether it runs alone or among others: its prefill has the same shape either way, and a decode step computes
 each row on its own.
@@ -37,6 +37,16 @@ from flax import nnx
 
 from koala_lib.inference.batching import Job, QueueFull
 from koala_lib.inference.generate import WIDE_DECODE_ROWS, Generator, bucket, prompt_bucket, wide_decode_options
+
+CACHE_STEP = 512  # cache lengths above 2 * CACHE_STEP grow by this much, not by doubling
+
+
+def cache_bucket(n: int, minimum: int) -> int:
+    """The cache length for n slots: a power of two up to 2 * CACHE_STEP, then the next multiple of CACHE_STEP (a
+    1,000-token prompt with 1,048 new tokens in a 2,048 context gets 2,560 slots, not 4,096)."""
+    if n <= 2 * CACHE_STEP:
+        return bucket(n, minimum)
+    return max(minimum, -(-int(n) // CACHE_STEP) * CACHE_STEP)
 from koala_lib.inference.rows import Row, TokenLogprob
 from koala_lib.inference.sampling import Sampling, penalize, row_settings, sample, score
 
@@ -103,8 +113,12 @@ class ContinuousBatcher:
                 "failed": c.failed, "tokens": c.tokens, "steps": c.steps, "cache_len": self.cache_len}
 
     def close(self) -> None:
+        """Stop after the current step; running and waiting requests end (finish reason "abort", or an error)."""
         self._closing = True
-        self.jobs.put(None)
+        try:
+            self.jobs.put_nowait(None)  # wakes a worker that waits for work
+        except queue.Full:  # a full queue: the worker is busy and sees `_closing` after its step
+            pass
         self._thread.join(timeout=30)
 
     # -- jitted pieces
@@ -157,6 +171,14 @@ class ContinuousBatcher:
         for slot in self.running:  # closing: nothing more will be generated
             if slot is not None:
                 self._release(slot, "abort")
+        while True:  # nor for what still waits
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.error = RuntimeError("the server is shutting down")
+                self._done(job)
 
     def _admit(self) -> None:
         budget = self.prefill_budget
@@ -200,9 +222,10 @@ class ContinuousBatcher:
         self.counters.compiled.add(("prefill", (t, self.cache_len)))
         first, scores, self.dev = self._prefill(gen.state, self.dev, np.int32(index), tokens, positions, valid,
                                                 row_settings([sampling], 1), np.bool_(sampling.logprobs is not None))
+        first = int(np.asarray(first)[0])  # a device error surfaces here, before the request holds a slot
         self.running[index] = slot
         self.counters.admitted += 1
-        self._take(slot, int(np.asarray(first)[0]), self._scores(scores, 0) if slot.row.top is not None else None)
+        self._take(slot, first, self._scores(scores, 0) if slot.row.top is not None else None)
         return len(ids)
 
     def _step(self) -> None:
@@ -218,7 +241,7 @@ class ContinuousBatcher:
             if slot is not None:
                 self._take(slot, int(tokens[i]), None if slot.row.top is None else self._scores(scores, i))
         need = [s.need for s in self.running if s is not None]
-        if need and bucket(max(need), self.min_cache) <= self.cache_len // 2:
+        if need and cache_bucket(max(need), self.min_cache) <= self.cache_len // 2:
             self._fit_cache(max(need))
 
     @staticmethod
@@ -276,8 +299,8 @@ class ContinuousBatcher:
         self.dev, self.cache_len = None, 0  # donated buffers may be gone: start from a fresh state
 
     def _fit_cache(self, need: int) -> None:
-        """Make the cache `bucket(need)` slots long (at least `min_cache`), keeping every running row's slots."""
-        size = bucket(need, self.min_cache)
+        """Make the cache `cache_bucket(need)` slots long (at least `min_cache`), keeping every running row's slots."""
+        size = cache_bucket(need, self.min_cache)
         if size == self.cache_len and self.dev is not None:
             return
         if self.dev is None:

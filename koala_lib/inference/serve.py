@@ -29,7 +29,8 @@ and `top_logprobs` (0-20; without `logprobs: true`, a 400) and answers `choices[
 answers the legacy `tokens`, `token_logprobs`, `top_logprobs`, `text_offset` (from the start of the prompt). The
 values are the model's own log-softmax whatever the sampling settings; the token that ended the answer (EOS) and
 the tokens of a stop string are reported too. A stream sends each token's entry with the chunk whose text completes
-that token, so the chunks' entries add up to the whole answer's.
+that token, so the chunks' entries add up to the whole answer's. A chat reply leaves out the space that joins
+Koala's marker to the answer; its first entry is still the model's own token, space included.
 
 Moderation: `moderation(text)` returns a reason to refuse, or None. It checks the request's text before
 anything is queued (400, code `content_filter`) and the answer as it grows (the answer ends there, with
@@ -51,6 +52,7 @@ from importlib import resources
 from typing import Callable, Iterator, Union
 
 from fastapi import FastAPI, Request
+from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -148,11 +150,16 @@ def create_app(
         reason = check(said)
         if reason:
             raise ApiError(400, f"the request was refused by the moderation check: {reason}", code="content_filter")
-        ids = text()
+        try:
+            ids = text()
+        except (ValueError, TemplateError) as exc:  # e.g. a chat template that refuses a system message
+            raise ApiError(400, f"the request could not be rendered into a prompt: {exc}", param="messages") from None
         try:
             generator.check_prompt(ids)
         except PromptTooLong as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded", param="messages") from None
+        except ValueError as exc:  # an empty prompt
+            raise ApiError(400, str(exc), param="prompt") from None
         sampling = Sampling(
             max_new_tokens=body.token_limit() or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
             stop=tuple(dict.fromkeys([*extra_stops, *body.stops()])), seed=body.seed if body.seed is not None else int(time.time_ns() % 2**63),
@@ -216,12 +223,31 @@ def create_app(
         while not await request.is_disconnected():
             await asyncio.sleep(0.05)
 
+    async def first_event(stream, request: Request):
+        """The job's first event; None if the client left before it (while the request waited for a slot, say),
+        in which case the job is cancelled and never takes a slot."""
+        gone = asyncio.ensure_future(until_disconnected(request))
+        first = asyncio.ensure_future(stream.__anext__())
+        try:
+            await asyncio.wait({gone, first}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if first.done():
+            return first.result()
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await first
+        await stream.aclose()
+        return None
+
     async def respond(request: Request, body: _Body, ids: list[int], sampling: Sampling, chat: bool, prompt: str = ""):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": model_name}
         stream = run(ids, sampling, chat_lead if chat else "")
-        first = await stream.__anext__()  # errors (429, ...) surface before any byte is sent
+        first = await first_event(stream, request)  # errors (429, ...) surface before any byte is sent
+        if first is None:
+            return JSONResponse(ApiError(499, "the client closed the request").body(), status_code=499)
 
         def logprobs(entries: list[TokenLogprob]) -> dict | None:
             if sampling.logprobs is None:
