@@ -39,6 +39,17 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def enqueue(jobs: queue.Queue, generator: Generator, ids: list[int], sampling: Sampling, on_event) -> Job:
+    """A new job on `jobs`; PromptTooLong before queueing, QueueFull when the queue is full."""
+    generator.check_prompt(ids)
+    job = Job(ids, sampling, on_event)
+    try:
+        jobs.put_nowait(job)
+    except queue.Full:
+        raise QueueFull(f"{jobs.maxsize} requests are already waiting; try again shortly") from None
+    return job
+
+
 class Batcher:
     def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64, window: float = 0.01):
         self.generator = generator
@@ -47,23 +58,17 @@ class Batcher:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # sizes of the batches decoded, for tests and metrics
         self.busy = 0  # requests in the batch being decoded
-        self.finished = self.cancelled = self.tokens = 0
+        self.received = self.finished = self.cancelled = self.tokens = 0  # received: jobs taken from the queue
         self._lock = threading.Lock()  # guards generate() when the worker and a direct caller share the model
         self._thread = threading.Thread(target=self._run, name="koala-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, ids: list[int], sampling: Sampling, on_event: Callable[[TokenEvent | None], bool | None]) -> Job:
-        self.generator.check_prompt(ids)  # PromptTooLong before queueing
-        job = Job(ids, sampling, on_event)
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self.jobs.maxsize} requests are already waiting; try again shortly") from None
-        return job
+        return enqueue(self.jobs, self.generator, ids, sampling, on_event)
 
     def metrics(self) -> dict:
         return {"batching": "static", "slots": self.max_batch, "busy": self.busy, "free": self.max_batch - self.busy,
-                "waiting": self.jobs.qsize(), "finished": self.finished, "cancelled": self.cancelled, "tokens": self.tokens}
+                "waiting": self.jobs.qsize(), "received": self.received, "finished": self.finished, "cancelled": self.cancelled, "tokens": self.tokens}
 
     def close(self) -> None:
         self.jobs.put(None)

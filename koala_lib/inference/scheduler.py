@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from koala_lib.inference.batching import Job, QueueFull
+from koala_lib.inference.batching import Job, enqueue
 from koala_lib.inference.generate import WIDE_DECODE_ROWS, Generator, bucket, prompt_bucket, wide_decode_options
 
 CACHE_STEP = 512  # cache lengths above 2 * CACHE_STEP grow by this much, not by doubling
@@ -97,13 +97,7 @@ class ContinuousBatcher:
     # -- the public side (any thread)
 
     def submit(self, ids: list[int], sampling: Sampling, on_event) -> Job:
-        self.gen.check_prompt(ids)  # PromptTooLong before queueing
-        job = Job(ids, sampling, on_event)
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self.jobs.maxsize} requests are already waiting; try again shortly") from None
-        return job
+        return enqueue(self.jobs, self.gen, ids, sampling, on_event)
 
     def metrics(self) -> dict:
         busy = sum(s is not None for s in self.running)
