@@ -131,7 +131,9 @@ def test_a_full_queue_answers_429(tiny_generator, batching):
         batcher._lock.acquire()  # the worker takes one job, then waits here for the model: the queue fills up
         try:
             sent = [threading.Thread(target=send) for _ in range(3)]
-            for t in sent:
+            sent[0].start()
+            wait_for(lambda: batcher.metrics()["received"] == 1)  # taken before the others arrive
+            for t in sent[1:]:
                 t.start()
             wait_for(lambda: batcher.jobs.qsize() == 2 and len(results) == 0)
             status, payload = post(f"{url}/v1/chat/completions", body)

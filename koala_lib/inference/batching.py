@@ -89,6 +89,7 @@ class Batcher:
                 self.jobs.put(None)  # close after this batch
                 break
             batch.append(job)
+        self.received += len(batch)
         for job in batch:
             if job.cancelled:
                 self.cancelled += 1
