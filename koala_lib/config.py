@@ -106,6 +106,7 @@ class DistributedConfig:
 class TrainConfig:
     variants: tuple[str, ...] = doc((), "models to fine-tune, each named by its data mixture (within data.mixture); empty = data.mixture")
     mesh: str = doc("1,-1,1", "device mesh (data, fsdp, tensor) sizes; -1 = the remaining devices")
+    scan_layers: bool = doc(True, "loop over the layers with lax.scan (one layer compiled; FSDP gathers one layer at a time); false = unrolled")
     batch_size: int = doc(32, "packed rows per optimizer step, over all devices")
     grad_accum: int = doc(1, "micro-batches per step (batch_size must divide by it)")
     max_steps: int | None = doc(None, "stop after this many optimizer steps; null = every epoch of conditioning.epochs")

@@ -7,6 +7,12 @@ Packed rows: `segment_ids` [B, T] (0 = padding) and `positions` [B, T] come with
 only to earlier tokens of its own segment, so each packed example is computed as if it were alone.
 
 Parameters live in `param_dtype` (fp32 master weights); matmuls run in `dtype` (e.g. bf16 on GPU).
+
+Layers are a list of blocks (`layers/3/mlp/up_proj/kernel`), or with `scan_layers` one block whose parameters
+carry a leading layer axis (`layers/mlp/up_proj/kernel` [L, D, I]), run by `jax.lax.scan` (what training uses):
+XLA compiles one layer instead of L, and under FSDP each step of the loop gathers only its own layer's weights,
+where an unrolled graph lets the scheduler gather every layer at once. `stack_layers` / `unstack_layers` convert
+between the two parameter layouts.
 Attention goes through `jax.nn.dot_product_attention` (`xla` on CPU, `cudnn` on GPU, or JAX's choice).
 
 Generation runs the same layers through `Llama.extend`, which writes keys and values into a KV cache
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .presets import LlamaConfig
+from .sharding import HIDDEN, constrain
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -256,13 +263,16 @@ class Llama(nnx.Module):
         param_dtype=jnp.float32,
         attention: Literal["xla", "cudnn"] | None = None,
         remat: RematPolicy = "none",
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
         self.remat = remat
+        self.scan_layers = scan_layers
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, dtype, param_dtype, attention, rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, dtype, param_dtype, attention, rngs) for _ in range(cfg.num_layers)]
+        self.layers = _stack_blocks(blocks) if scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, rngs)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
             cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -277,13 +287,27 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones((b, t), dtype=jnp.int32)
         cos, sin = rotary(positions, self.inv_freq[...])  # [B, T, 1, H]
         mask = attention_mask(segment_ids)  # [B, 1, T, T]
-        x = self.embed_tokens(tokens)  # [B, T, D]
+        x = constrain(self.embed_tokens(tokens), HIDDEN)  # [B, T, D]
+        if self.scan_layers:
+            return self.logits(self._scan(x, cos, sin, mask))
         for block in self.layers:
             if self.remat == "none":
                 x = block(x, cos, sin, mask)
             else:
                 x = nnx.remat(Block.__call__, policy=_POLICIES[self.remat])(block, x, cos, sin, mask)
+            x = constrain(x, HIDDEN)
         return self.logits(x)
+
+    def _scan(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """The stacked block applied L times by `lax.scan`, each step on its layer's slice of the parameters."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def step(x, layer):
+            return constrain(nnx.merge(graphdef, layer)(x, cos, sin, mask), HIDDEN), None
+
+        if self.remat != "none":
+            step = jax.checkpoint(step, policy=_POLICIES[self.remat], prevent_cse=False)  # inside a loop CSE is safe
+        return jax.lax.scan(step, x, stacked)[0]
 
     def logits(self, x: jax.Array) -> jax.Array:
         b, t, _ = x.shape  # hidden states [B, T, D] -> logits [B, T, V] in fp32
@@ -296,6 +320,7 @@ class Llama(nnx.Module):
     def fused(self) -> "Llama":
         """A copy whose attention and MLP projections are fused (q/k/v and gate/up): the same function, fewer
         matmuls per layer. Used for decoding; the copy's parameter names no longer match a checkpoint's."""
+        self._unrolled("fused")
         model = nnx.clone(self)
         for block in model.layers:
             block.self_attn.fuse()
@@ -316,6 +341,7 @@ class Llama(nnx.Module):
         the valid slots j <= i, so left padding is never seen. `positions` [B, T] are the rotary positions
         (a row's count of real tokens before each one). With `last_only`, logits [B, 1, V] of the last slot only.
         """
+        self._unrolled("extend")
         b, t = tokens.shape
         slots = valid.shape[1]
         query_slot = jnp.asarray(index, jnp.int32)[..., None] + jnp.arange(t)  # [T], or [B, T] for per-row indices
@@ -328,3 +354,25 @@ class Llama(nnx.Module):
             x, kv = block.cached(x, cos, sin, mask, kv, index)
             new_cache.append(kv)
         return self.logits(x[:, -1:] if last_only else x), tuple(new_cache)
+
+    def _unrolled(self, what: str) -> None:
+        if self.scan_layers:
+            raise ValueError(f"Llama.{what} needs the unrolled layers; build the model with scan_layers=False (unstack_layers converts the parameters)")
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose every parameter is the L blocks' parameters stacked on a new leading axis."""
+    splits = [nnx.split(b) for b in blocks]
+    return nnx.merge(splits[0][0], jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits)))
+
+
+def stack_layers(params: dict) -> dict:
+    """Unrolled parameters (a pure dict, `layers` keyed 0..L-1) -> the scanned layout (`layers` holding [L, ...] arrays)."""
+    layers = params["layers"]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in range(len(layers))))}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The scanned layout -> unrolled parameters, `layers` keyed 0..L-1."""
+    count = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": {i: jax.tree.map(lambda x: x[i], params["layers"]) for i in range(count)}}

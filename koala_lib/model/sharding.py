@@ -22,6 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = P(("data", "fsdp"))  # rows of a batch: split over every data-parallel device
+HIDDEN = P(("data", "fsdp"), None, None)  # hidden states [B, T, D]: rows split, each device holds its rows whole
 
 # Kernels are stored [in, out] (flax `Linear`); the embedding [V, D].
 LLAMA_RULES: tuple[tuple[str, P], ...] = (
@@ -70,8 +71,12 @@ def path_str(path: Iterable[Any]) -> str:
     return "/".join(parts)
 
 
+STACKED = re.compile(r"(^|/)layers/[^0-9/]")  # `layers/mlp/...` (scanned: a leading layer axis), not `layers/3/mlp/...`
+
+
 def match_rules(rules: Sequence[tuple[str, P]], tree: Any) -> Any:
-    """A tree of PartitionSpecs shaped like `tree`; scalars are replicated, an unmatched leaf is an error."""
+    """A tree of PartitionSpecs shaped like `tree`; scalars are replicated, an unmatched leaf is an error. A leaf of
+    scanned layers (`layers/<name>`, no index) keeps its leading layer axis whole: its rule's spec shifts by one."""
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
 
     def spec_for(path, leaf) -> P:
@@ -80,6 +85,8 @@ def match_rules(rules: Sequence[tuple[str, P]], tree: Any) -> Any:
             return P()
         for pattern, spec in compiled:
             if pattern.search(name):
+                if STACKED.search(name):
+                    spec = P(None, *spec)
                 if len(spec) > np.ndim(leaf):
                     raise ValueError(f"{name}: rule {pattern.pattern!r} gives {spec} for a {np.ndim(leaf)}-d leaf")
                 return spec
@@ -97,6 +104,15 @@ def check_divisible(tree: Any, specs: Any, mesh: Mesh) -> None:
             size = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
             if dim % size:
                 raise ValueError(f"{path_str(path)}: dimension {dim} does not divide over {axes} ({size} devices); change train.mesh")
+
+
+def constrain(x: jax.Array, spec: P) -> jax.Array:
+    """`x` held to `spec` when traced under a mesh (`jax.sharding.use_abstract_mesh`, as the train step does), else
+    unchanged. Without it XLA's propagation may split a packed batch's hidden states by the fsdp-split weight
+    dimension instead of by rows, and every device would compute every row."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

@@ -13,6 +13,7 @@ measures useful work.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -23,8 +24,33 @@ from koala_lib.model.presets import LlamaConfig
 
 
 
-# Dense bf16 tensor-core peaks per device (vendor data sheets, without sparsity), by `device_kind` substring.
-GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0), ("V100", 125.0))
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s and memory bandwidth in GB/s per device, from NVIDIA's data
+# sheets, matched against `device_kind` in order (the first pattern found wins, so variants come before the base name).
+# None: the device has no bf16 rate (V100's tensor cores do fp16), so MFU falls back to a measured matmul.
+GPUS: tuple[tuple[str, float | None, float, str], ...] = (
+    (r"H200 NVL", 835.0, 4800.0, "H200 NVL data sheet"),
+    (r"H200", 989.0, 4800.0, "H200 SXM data sheet"),
+    (r"H100 NVL", 835.0, 3900.0, "H100 NVL data sheet"),
+    (r"H100 PCIe", 756.0, 2000.0, "H100 PCIe data sheet"),
+    (r"H100", 989.0, 3350.0, "H100 SXM data sheet"),
+    (r"A100.*80GB.*PCIe", 312.0, 1935.0, "A100 80GB PCIe data sheet"),
+    (r"A100.*80GB", 312.0, 2039.0, "A100 80GB SXM data sheet"),
+    (r"A100", 312.0, 1555.0, "A100 40GB data sheet"),
+    (r"L40S", 362.0, 864.0, "L40S data sheet"),
+    (r"L40\b", 181.0, 864.0, "L40 data sheet"),
+    (r"L4\b", 121.0, 300.0, "L4 data sheet"),
+    (r"A10G", None, 600.0, "A10G (AWS publishes no bf16 peak)"),
+    (r"A10\b", 125.0, 600.0, "A10 data sheet"),
+    (r"V100", None, 900.0, "V100 data sheet (no bf16 tensor cores)"),
+)
+
+
+def known_gpu(device_kind: str) -> tuple[float | None, float, str] | None:
+    """(dense bf16 TFLOP/s or None, memory GB/s, source) of a known GPU, or None."""
+    for pattern, tflops, bandwidth, source in GPUS:
+        if re.search(pattern, device_kind, re.IGNORECASE):
+            return tflops, bandwidth, source
+    return None
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
@@ -34,9 +60,21 @@ def matmul_params(cfg: LlamaConfig) -> int:
     return cfg.num_layers * (attn + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h
 
 
+def attention_pair_flops(cfg: LlamaConfig) -> float:
+    """Training FLOPs per (query, key) pair over all layers: scores and values, forward (4 per head size) and backward (8)."""
+    return 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_size
+
+
+def useful_flops(cfg: LlamaConfig, tokens: float, attention_pairs: float) -> float:
+    """Training FLOPs of the useful work in a batch: 6 per matmul parameter for every real (non-padding) token, and
+    the attention over the causal pairs within each packed example (`attention_pairs` = sum over tokens of their
+    position in the example + 1). Padding, masked pairs and rematerialization are not counted."""
+    return 6.0 * matmul_params(cfg) * tokens + attention_pair_flops(cfg) * attention_pairs
+
+
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token position (forward and backward)."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size
+    """Useful training FLOPs per token of one example filling a whole row of `seq_len` (causal attention)."""
+    return useful_flops(cfg, seq_len, seq_len * (seq_len + 1) / 2) / seq_len
 
 
 _MEASURED: dict[tuple[str, str], float] = {}
@@ -59,16 +97,31 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 1024, repeats: int = 5
 
 
 def peak_flops(device: jax.Device, dtype: str, configured_tflops: float | None = None) -> tuple[float, str]:
-    """(FLOP/s of one device, where the number comes from): the config, a known GPU's table entry, or a measurement."""
+    """(FLOP/s of one device, where the number comes from): the config, a known GPU's data sheet, or a measurement."""
     if configured_tflops:
         return configured_tflops * 1e12, "train.peak_tflops"
-    if device.platform == "gpu":
-        for name, tflops in GPU_PEAK_TFLOPS:
-            if name.lower() in device.device_kind.lower():
-                return tflops * 1e12, f"{device.device_kind} dense bf16 data sheet"
+    known = known_gpu(device.device_kind) if device.platform == "gpu" else None
+    if known and known[0]:
+        return known[0] * 1e12, f"{device.device_kind}: dense bf16, {known[2]}"
     measured = measure_matmul_flops(dtype)
     per_device = measured / max(1, jax.local_device_count()) if device.platform == "cpu" else measured
     return per_device, f"measured {dtype} matmul on {device.device_kind}"
+
+
+def memory_bandwidth(device: jax.Device) -> tuple[float, str]:
+    """(bytes/s of one device's memory, source): a known GPU's data sheet, else a measured copy of 256 MiB."""
+    known = known_gpu(device.device_kind) if device.platform == "gpu" else None
+    if known:
+        return known[1] * 1e9, f"{device.device_kind}: {known[2]}"
+    x = jnp.ones((64 * 2**20,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * x.nbytes / best, f"measured read + write of 256 MiB on {device.device_kind}"
 
 
 # ----------------------------------------------------------------------------- memory

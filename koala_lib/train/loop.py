@@ -30,9 +30,9 @@ from koala_lib.model.sharding import LLAMA_RULES, check_divisible, make_mesh, ma
 from koala_lib.progress import bar as progress_bar
 
 from . import DoesNotFit
-from .budget import device_memory, fit_message, flops_per_token, peak_flops
+from .budget import device_memory, fit_message, flops_per_token, peak_flops, useful_flops
 from .data import BATCH_SPEC, VariantData, variant_name
-from .optim import make_optimizer
+from .state import StateLayout
 from .step import make_eval_step, make_train_step
 
 
@@ -144,40 +144,29 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         if message:
             print(f"warning: {message}")
 
-    model = build_model(cfg, arch, folder, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    tx, schedule = make_optimizer(t, total, params)
-    param_specs = match_rules(LLAMA_RULES, params)
-    check_divisible(params, param_specs, mesh)
-    opt_specs = match_rules(LLAMA_RULES, jax.eval_shape(tx.init, params))
-    state_specs = {"params": param_specs, "opt_state": opt_specs, "step": P(), "rng": P()}
-    state_shardings = named(mesh, state_specs)
-    state = {
-        "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params),
-        "step": jax.device_put(np.int32(0), state_shardings["step"]),
-        "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), state_shardings["rng"]),
-    }
+    layout = StateLayout.build(cfg, arch, mesh, total)
+    state = layout.init(nnx.to_pure_dict(nnx.split(build_model(cfg, arch, folder, mesh), nnx.Param, ...)[1]), cfg.seed)
+    state_shardings = layout.shardings
     meta = {"variant": name, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seq_len": data.seq_len,
-            "total_steps": total, "rows": [data.rows(e) for e in range(len(data.epochs))], "seed": cfg.seed}
+            "total_steps": total, "rows": [data.rows(e) for e in range(len(data.epochs))], "seed": cfg.seed,
+            "scan_layers": t.scan_layers}
 
     manager = _manager(out_dir / "checkpoints", t.keep_checkpoints)
     resumed = manager.latest_step()
     if resumed is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-        restored = manager.restore(resumed, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        saved = {k: v for k, v in restored["meta"].items() if k in meta}
+        saved = manager.restore(resumed, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = {k: saved.get(k, False if k == "scan_layers" else None) for k in meta}  # older runs: unrolled layers
         if saved != meta:
             changed = ", ".join(f"{k}: {saved.get(k)} -> {meta[k]}" for k in meta if saved.get(k) != meta[k])
             raise ValueError(f"{out_dir / 'checkpoints'} holds a run with other settings ({changed}); delete it or use another runs_dir")
+        restored = manager.restore(resumed, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.abstract())))
         state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored["state"]))
     metrics_path = out_dir / "metrics.jsonl"
     _resume_metrics(metrics_path, resumed)
 
     batch_sharding = NamedSharding(mesh, BATCH_SPEC)
-    train_step = make_train_step(graphdef, rest, tx, schedule, state_shardings, batch_sharding)
-    eval_step = make_eval_step(graphdef, rest, state_shardings["params"], batch_sharding)
+    train_step = make_train_step(layout.graphdef, layout.rest, layout.tx, layout.schedule, state_shardings, batch_sharding)
+    eval_step = make_eval_step(layout.graphdef, layout.rest, state_shardings["params"], batch_sharding)
     peak, peak_source = peak_flops(jax.devices()[0], cfg.model.dtype, t.peak_tflops)
     flops = flops_per_token(arch, data.seq_len)
     writer = open(metrics_path, "a", encoding="utf-8") if jax.process_index() == 0 else None
@@ -222,7 +211,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
             row = {"step": step + 1, "epoch": epoch, "loss": round(stats["loss"], 6), "accuracy": round(stats["accuracy"], 6),
                    "lr": stats["lr"], "grad_norm": round(stats["grad_norm"], 6), "targets": int(stats["targets"]),
                    "seconds": round(seconds, 4), "tokens_per_s": round(positions / seconds, 1),
-                   "mfu": round(flops * positions / seconds / (peak * jax.device_count()), 5), "memory_gb": round(memory_gb(), 3)}
+                   "mfu": round(useful_flops(arch, stats["tokens"], stats["attention_pairs"]) / seconds / (peak * jax.device_count()), 5), "memory_gb": round(memory_gb(), 3)}
             first_loss = row["loss"] if first_loss is None else first_loss
             last = row
             if (step + 1) % t.log_every == 0 or step + 1 == total:
@@ -248,7 +237,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         manager.close()
     seconds = time.perf_counter() - began
     if t.export_hf:
-        export(cfg, nnx.merge(graphdef, state["params"], rest), folder, out_dir / "hf")
+        export(cfg, layout.model(state["params"]), folder, out_dir / "hf")
     summary = {"variant": name, "steps": total, "resumed_from": resumed, "first_loss": first_loss,
                "final_loss": last["loss"] if last else None, "final_eval_loss": None if eval_loss is None else round(float(eval_loss), 6),
                "seconds": round(seconds, 2), "compile_seconds": round(compile_s, 2),

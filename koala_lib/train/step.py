@@ -7,7 +7,7 @@ example (never across examples, never in padding). Long and short examples thus 
 accumulating micro-batches gives exactly the full batch's gradient.
 
     step_fn = make_train_step(graphdef, rest, tx, schedule, state_shardings, batch_sharding)
-    state, stats = step_fn(state, batch)     # stats: loss, accuracy, targets, grad_norm, lr
+    state, stats = step_fn(state, batch)     # stats: loss, accuracy, targets, grad_norm, lr, tokens, attention_pairs
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ def token_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     return loss_sum, (correct, jnp.sum(weights))
 
 
+def work(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch's useful work for MFU: real (non-padding) tokens, and causal attention pairs within each packed
+    example (a token at position p of its example attends to p + 1 tokens)."""
+    real = batch["segment_ids"] > 0
+    return {"tokens": jnp.sum(real, dtype=jnp.float32), "attention_pairs": jnp.sum(jnp.where(real, batch["positions"] + 1, 0), dtype=jnp.float32)}
+
+
 def _forward_sums(graphdef, rest, params, batch):
     model = nnx.merge(graphdef, params, rest)
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, T, V]
@@ -55,7 +62,13 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
     """A jitted `(state, batch) -> (state, stats)`; the state's arrays keep their shardings (donated)."""
     grad_fn = jax.value_and_grad(lambda p, mb: _forward_sums(graphdef, rest, p, mb), has_aux=True)
 
+    mesh = batch_sharding.mesh.abstract_mesh
+
     def step(state, batch):  # batch: dict of [accum, micro, T]
+        with jax.sharding.use_abstract_mesh(mesh):  # activations keep their rows split (see `constrain`)
+            return update(state, batch)
+
+    def update(state, batch):
         params = state["params"]
 
         def micro(carry, mb):
@@ -84,6 +97,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
             "targets": count,
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state["step"]),
+            **work(batch),
         }
         return new_state, stats
 
@@ -93,9 +107,12 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
 def make_eval_step(graphdef, rest, param_shardings: Any, batch_sharding: Any):
     """A jitted `(params, batch) -> (loss sum, correct, targets)` over a [1, micro, T] batch."""
 
+    mesh = batch_sharding.mesh.abstract_mesh
+
     def evaluate(params, batch):
         mb = jax.tree.map(lambda x: x[0], batch)
-        loss, (correct, count) = _forward_sums(graphdef, rest, params, mb)
+        with jax.sharding.use_abstract_mesh(mesh):
+            loss, (correct, count) = _forward_sums(graphdef, rest, params, mb)
         return loss, correct, count
 
     return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding))
