@@ -129,51 +129,109 @@ def memory_bandwidth(device: jax.Device) -> tuple[float, str]:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device."""
+    """Bytes per device of one train step, by part. `arguments` are what the step is given (the state, donated and
+    updated in place, and the batch); the rest are temporaries alive together at the step's peak."""
 
-    params: float
-    grads: float
-    optimizer: float
-    activations: float
+    params: float  # fp32 master weights, sharded
+    optimizer: float  # AdamW's two moments, sharded
+    batch: float  # the step's token ids, masks, segments and positions
+    grads: float  # the sharded gradient (two with accumulation: the running sum and a micro-batch's)
+    layer: float  # one layer gathered whole: its weights (and compute-dtype copy) and its unsharded gradient
+    activations: float  # what the backward pass keeps of every layer, per the remat policy
+    working: float  # one layer's recomputed activations and their gradients during the backward pass
+    logits: float  # fp32 logits, their log-softmax and gradient
+
+    @property
+    def arguments(self) -> float:
+        return self.params + self.optimizer + self.batch
+
+    @property
+    def temporaries(self) -> float:
+        return self.grads + self.layer + self.activations + self.working + self.logits
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.arguments + self.temporaries
+
+    def parts(self) -> dict[str, float]:
+        return {**self.__dict__, "arguments": self.arguments, "temporaries": self.temporaries, "total": self.total}
 
     def table(self) -> dict[str, float]:
-        gib = 2**30
-        return {k: round(v / gib, 3) for k, v in {**self.__dict__, "total": self.total}.items()}
+        return {k: round(v / 2**30, 3) for k, v in self.parts().items()}
 
 
 def _bytes(dtype: str) -> int:
     return jnp.dtype(dtype).itemsize
 
 
-def activation_bytes_per_token(cfg: LlamaConfig, remat: str, compute_bytes: int, seq_len: int, attention: str, tensor: int) -> float:
-    """Bytes kept per token for the backward pass, over all layers (one layer's full set when recomputing)."""
-    d, i = cfg.hidden_size, cfg.intermediate_size
-    heads = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_size / tensor  # q, k, v, attention output
-    scores = 0 if attention == "cudnn" else 2 * cfg.num_heads * seq_len / tensor  # scores and probabilities (xla)
-    layer_all = compute_bytes * (6 * d + heads + 4 * i / tensor + scores)
-    matmul_outputs = compute_bytes * (2 * d + heads + 2 * i / tensor)
-    if remat == "none":
-        return cfg.num_layers * layer_all
+def layer_params(cfg: LlamaConfig) -> int:
+    h, d = cfg.hidden_size, cfg.head_size
+    return h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * h * cfg.intermediate_size + 2 * h
+
+
+def attention_keys(seq_len: int, attention: str) -> float:
+    """Keys per query whose scores the attention computes: all T for one `xla` call, the causal blocks' share when the
+    model cuts queries into 4 blocks (rows of 128+ tokens, see `Attention.causal_blocks`); 0 stored for `cudnn`."""
+    if attention == "cudnn":
+        return 0.0
+    return seq_len * (10 / 16 if seq_len >= 128 else 1.0)
+
+
+def saved_per_token(cfg: LlamaConfig, remat: str, c: int, seq_len: int, attention: str, tensor: int) -> float:
+    """Bytes one layer keeps per token for the backward pass under `remat` (c: bytes of the compute dtype)."""
+    d, i = cfg.hidden_size, cfg.intermediate_size / tensor
+    q, kv = cfg.num_heads * cfg.head_size / tensor, cfg.num_kv_heads * cfg.head_size / tensor
+    heads = cfg.num_heads / tensor
+    scores = 4 * heads * attention_keys(seq_len, attention)  # fp32 logits of the batched einsum (xla attention)
+    projections = c * (q + 2 * kv + d + 2 * i + d)  # q, k, v, o_proj, gate, up, down outputs
     if remat == "full":
-        return cfg.num_layers * compute_bytes * d + layer_all
-    return cfg.num_layers * matmul_outputs + layer_all  # dots, dots_no_batch
+        return c * d  # the layer's input
+    if remat == "dots_no_batch":
+        return c * d + projections
+    if remat == "dots":
+        return c * d + projections + scores + c * q  # and the einsums: scores and the values' output
+    # none: every input of a differentiated op
+    return c * (4 * d + q + 2 * kv + q + 3 * i) + 4 * 2 * d + 2 * scores
 
 
 def estimate_memory(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int, int], seq_len: int) -> MemoryEstimate:
-    """Bytes per device for params, gradients, AdamW state and activations of one micro-batch."""
+    """Bytes per device of a train step of `train_cfg.batch_size` rows of `seq_len` on a (data, fsdp, tensor) mesh."""
     data, fsdp, tensor = mesh
-    n = cfg.params_count()
-    p = _bytes(model_cfg.param_dtype)
+    n, p, c = cfg.params_count(), _bytes(model_cfg.param_dtype), _bytes(model_cfg.dtype)
     shards = fsdp * tensor
-    rows = max(1, train_cfg.batch_size // train_cfg.grad_accum // (data * fsdp))  # rows per device per micro-batch
+    accum = train_cfg.grad_accum
+    rows = max(1, train_cfg.batch_size // accum // (data * fsdp))  # rows per device per micro-batch
     tokens = rows * seq_len
-    per_token = activation_bytes_per_token(cfg, model_cfg.remat, _bytes(model_cfg.dtype), seq_len, model_cfg.attention, tensor)
-    logits = 3 * 4 * cfg.vocab_size / tensor  # fp32 logits, their softmax and its gradient
-    return MemoryEstimate(params=n * p / shards, grads=n * p / shards, optimizer=2 * n * p / shards, activations=tokens * (per_token + logits))
+    remat = model_cfg.remat
+    per_layer = layer_params(cfg) / tensor
+    gathered = per_layer * (p + (c if c != p else 0)) + per_layer * 4  # weights (+ compute copy), unsharded gradient
+    saved = saved_per_token(cfg, remat, c, seq_len, model_cfg.attention, tensor)
+    working = 0.0 if remat == "none" else tokens * (2 * saved_per_token(cfg, "none", c, seq_len, model_cfg.attention, tensor) - saved)
+    return MemoryEstimate(
+        params=n * p / shards,
+        optimizer=2 * n * p / shards,
+        batch=4 * 4 * accum * rows * seq_len,
+        grads=(2 if accum > 1 else 1) * n * 4 / shards,
+        layer=gathered,
+        activations=cfg.num_layers * tokens * saved,
+        working=working,
+        logits=3 * 4 * tokens * cfg.vocab_size / tensor,
+    )
+
+
+def executed_dot_flops(cfg: LlamaConfig, model_cfg, rows: int, seq_len: int, mesh: tuple[int, int, int]) -> float:
+    """FLOPs of the matmuls a train step of `rows` x `seq_len` runs, over all devices: every position (padding too),
+    attention as computed (causal blocks for `xla`), and the forward matmuls that rematerialization runs again."""
+    tokens = rows * seq_len
+    per_layer_mm = layer_params(cfg) - 2 * cfg.hidden_size
+    keys = attention_keys(seq_len, model_cfg.attention) or seq_len / 2  # cudnn: its causal kernel skips masked blocks
+    attn_fwd = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_size * tokens * keys
+    total = 6.0 * matmul_params(cfg) * tokens + 3 * attn_fwd
+    if model_cfg.remat == "full":
+        total += 2.0 * cfg.num_layers * per_layer_mm * tokens + attn_fwd
+    elif model_cfg.remat == "dots_no_batch":
+        total += attn_fwd
+    return total
 
 
 def device_memory(configured_gb: float | None) -> tuple[float, str]:
