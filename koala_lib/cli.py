@@ -2,6 +2,7 @@
 
     koala config show --profile demo --set data.mixture=koala_distill
     koala curate --profile smoke --sources sharegpt,hh
+    koala plan --profile koala13b
     koala train --profile smoke --variant koala_distill
     koala generate --profile demo
     koala serve --profile demo --model koala_all --port 8000
@@ -67,6 +68,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variant.split(";")] if args.variant else None
     report = train_all(cfg, variants, progress=not args.quiet)
     print(report.table().to_string())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from koala_lib.train.plan import plan
+
+    cfg = load(args.profile, _overrides(args))
+    print(f"compiling {cfg.profile}'s train step on virtual CPU devices ...", file=sys.stderr, flush=True)
+    print(plan([cfg], devices=args.devices)[0].text())
     return 0
 
 
@@ -186,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="only this variant (a mixture, e.g. koala_distill); default: train.variants")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="stage 3 before renting GPUs: compile the train step on virtual devices; XLA's memory and FLOPs beside the estimate")
+    _common(p)
+    p.add_argument("--devices", type=int, default=None, help="devices the -1 of train.mesh stands for (default: this machine's)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="stage 4: each model answers the test sets -> runs/<P>/generations/<model>.json")
     _common(p)

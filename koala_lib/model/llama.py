@@ -252,6 +252,11 @@ _POLICIES = {
 }
 
 
+def remat_policy(remat: RematPolicy):
+    """The `jax.checkpoint` policy of a remat setting other than `none` (None: save nothing, recompute all)."""
+    return _POLICIES[remat]
+
+
 class Llama(nnx.Module):
     """LlamaForCausalLM: token ids [B, T] -> logits [B, T, V] (computed in `dtype`, returned in fp32)."""
 
@@ -294,7 +299,7 @@ class Llama(nnx.Module):
             if self.remat == "none":
                 x = block(x, cos, sin, mask)
             else:
-                x = nnx.remat(Block.__call__, policy=_POLICIES[self.remat])(block, x, cos, sin, mask)
+                x = nnx.remat(Block.__call__, policy=remat_policy(self.remat))(block, x, cos, sin, mask)
             x = constrain(x, HIDDEN)
         return self.logits(x)
 
@@ -306,7 +311,7 @@ class Llama(nnx.Module):
             return constrain(nnx.merge(graphdef, layer)(x, cos, sin, mask), HIDDEN), None
 
         if self.remat != "none":
-            step = jax.checkpoint(step, policy=_POLICIES[self.remat], prevent_cse=False)  # inside a loop CSE is safe
+            step = jax.checkpoint(step, policy=remat_policy(self.remat), prevent_cse=False)  # inside a loop CSE is safe
         return jax.lax.scan(step, x, stacked)[0]
 
     def logits(self, x: jax.Array) -> jax.Array:

@@ -1,13 +1,19 @@
 """Compute and memory budgets: FLOPs per token, device peaks for MFU, and bytes per device before allocating.
 
-    flops_per_token(llama_cfg, seq_len)                  # forward + backward, per trained position
+    useful_flops(llama_cfg, tokens, attention_pairs)     # forward + backward of a batch's real work (MFU)
+    executed_dot_flops(llama_cfg, cfg.model, rows, seq_len, mesh)   # the matmuls a step runs (`koala plan`)
     peak_flops(jax.local_devices()[0], "bfloat16")      # FLOP/s of one device (a table for GPUs, measured on CPU)
-    estimate = estimate_memory(llama_cfg, cfg, (1, 8, 1)); check_fit(estimate, cfg, ...)
+    estimate_memory(llama_cfg, cfg.model, cfg.train, (1, 8, 1), seq_len)   # bytes per device, by part
+    fit_message(...)                                    # None, or what to change when it will not fit
 
 FLOPs follow the usual accounting (PaLM, appendix B): 6 per parameter per token for the matmuls (forward 2,
-backward 4; the output head counted, the embedding lookup not), plus 12 · layers · T · heads · head size per
-token for attention scores and values over the full row length T. Rematerialization is not counted: MFU
-measures useful work.
+backward 4; the output head counted, the embedding lookup not), plus 12 · layers · heads · head size per
+(query, key) pair for attention scores and values. MFU counts useful work: real tokens, and the causal pairs
+within each packed example; padding, masked pairs and rematerialization are not counted.
+
+The memory estimate models the step `fit` compiles (layers scanned, FSDP): the sharded state, one layer
+gathered whole at a time, what each layer keeps for the backward pass under the remat policy, and the logits.
+`koala plan` sets it beside what XLA allocates.
 """
 
 from __future__ import annotations
@@ -130,16 +136,17 @@ def memory_bandwidth(device: jax.Device) -> tuple[float, str]:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per device of one train step, by part. `arguments` are what the step is given (the state, donated and
-    updated in place, and the batch); the rest are temporaries alive together at the step's peak."""
+    updated in place, and the batch). Of the temporaries, the gradient and every layer's saved activations are
+    alive at the peak, together with the larger of the loss's buffers (`logits`) and one layer's backward
+    (`layer`): the step's two high points."""
 
     params: float  # fp32 master weights, sharded
     optimizer: float  # AdamW's two moments, sharded
     batch: float  # the step's token ids, masks, segments and positions
     grads: float  # the sharded gradient (two with accumulation: the running sum and a micro-batch's)
-    layer: float  # one layer gathered whole: its weights (and compute-dtype copy) and its unsharded gradient
-    activations: float  # what the backward pass keeps of every layer, per the remat policy
-    working: float  # one layer's recomputed activations and their gradients during the backward pass
-    logits: float  # fp32 logits, their log-softmax and gradient
+    activations: float  # what every layer keeps for the backward pass, per the remat policy
+    logits: float  # at the loss: the output head gathered whole, fp32 logits and their gradient, the head's gradient
+    layer: float  # in one layer's backward: its weights gathered whole, their gradient, its recomputed activations
 
     @property
     def arguments(self) -> float:
@@ -147,7 +154,7 @@ class MemoryEstimate:
 
     @property
     def temporaries(self) -> float:
-        return self.grads + self.layer + self.activations + self.working + self.logits
+        return self.grads + self.activations + max(self.logits, self.layer)
 
     @property
     def total(self) -> float:
@@ -170,52 +177,44 @@ def layer_params(cfg: LlamaConfig) -> int:
 
 
 def attention_keys(seq_len: int, attention: str) -> float:
-    """Keys per query whose scores the attention computes: all T for one `xla` call, the causal blocks' share when the
-    model cuts queries into 4 blocks (rows of 128+ tokens, see `Attention.causal_blocks`); 0 stored for `cudnn`."""
+    """Keys per query the attention scores: all T for one `xla` call, the causal blocks' share when the model cuts
+    the queries into 4 blocks (rows of 128+ tokens, see `Attention.causal_blocks`), about half for `cudnn`."""
     if attention == "cudnn":
-        return 0.0
+        return seq_len / 2
     return seq_len * (10 / 16 if seq_len >= 128 else 1.0)
 
 
-def saved_per_token(cfg: LlamaConfig, remat: str, c: int, seq_len: int, attention: str, tensor: int) -> float:
-    """Bytes one layer keeps per token for the backward pass under `remat` (c: bytes of the compute dtype)."""
-    d, i = cfg.hidden_size, cfg.intermediate_size / tensor
-    q, kv = cfg.num_heads * cfg.head_size / tensor, cfg.num_kv_heads * cfg.head_size / tensor
-    heads = cfg.num_heads / tensor
-    scores = 4 * heads * attention_keys(seq_len, attention)  # fp32 logits of the batched einsum (xla attention)
-    projections = c * (q + 2 * kv + d + 2 * i + d)  # q, k, v, o_proj, gate, up, down outputs
-    if remat == "full":
-        return c * d  # the layer's input
-    if remat == "dots_no_batch":
-        return c * d + projections
-    if remat == "dots":
-        return c * d + projections + scores + c * q  # and the einsums: scores and the values' output
-    # none: every input of a differentiated op
-    return c * (4 * d + q + 2 * kv + q + 3 * i) + 4 * 2 * d + 2 * scores
+# A layer recomputed in the backward pass holds about 85 % of what it keeps without remat at its high point: XLA
+# fuses its masks and elementwise chains into their consumers (measured with `koala plan` on XLA's CPU compiler,
+# debug and SmolLM2-135M, every remat policy).
+RECOMPUTED_SHARE = 0.85
 
 
 def estimate_memory(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int, int], seq_len: int) -> MemoryEstimate:
     """Bytes per device of a train step of `train_cfg.batch_size` rows of `seq_len` on a (data, fsdp, tensor) mesh."""
+    from .residuals import layer_residual_bytes
+
     data, fsdp, tensor = mesh
     n, p, c = cfg.params_count(), _bytes(model_cfg.param_dtype), _bytes(model_cfg.dtype)
     shards = fsdp * tensor
     accum = train_cfg.grad_accum
     rows = max(1, train_cfg.batch_size // accum // (data * fsdp))  # rows per device per micro-batch
     tokens = rows * seq_len
-    remat = model_cfg.remat
+    copy = c if c != p else 0  # a gathered weight's compute-dtype copy
+    saved, weight_copies = layer_residual_bytes(cfg, model_cfg.dtype, model_cfg.remat, rows, seq_len, model_cfg.attention)
+    saved = saved / tensor + weight_copies / shards
+    recomputed = 0.0 if model_cfg.remat == "none" else layer_residual_bytes(cfg, model_cfg.dtype, "none", rows, seq_len, model_cfg.attention)[0] / tensor
     per_layer = layer_params(cfg) / tensor
-    gathered = per_layer * (p + (c if c != p else 0)) + per_layer * 4  # weights (+ compute copy), unsharded gradient
-    saved = saved_per_token(cfg, remat, c, seq_len, model_cfg.attention, tensor)
-    working = 0.0 if remat == "none" else tokens * (2 * saved_per_token(cfg, "none", c, seq_len, model_cfg.attention, tensor) - saved)
+    head = cfg.vocab_size * cfg.hidden_size / tensor
+    logits = 4 * tokens * cfg.vocab_size / tensor  # one fp32 [tokens, V] array
     return MemoryEstimate(
         params=n * p / shards,
         optimizer=2 * n * p / shards,
         batch=4 * 4 * accum * rows * seq_len,
         grads=(2 if accum > 1 else 1) * n * 4 / shards,
-        layer=gathered,
-        activations=cfg.num_layers * tokens * saved,
-        working=working,
-        logits=3 * 4 * tokens * cfg.vocab_size / tensor,
+        activations=cfg.num_layers * saved,
+        logits=head * (p + copy) + max(2 * logits, logits + 4 * head),  # then the head's unsharded gradient
+        layer=per_layer * (p + copy + 4) + RECOMPUTED_SHARE * recomputed,
     )
 
 
@@ -227,29 +226,44 @@ def executed_dot_flops(cfg: LlamaConfig, model_cfg, rows: int, seq_len: int, mes
     keys = attention_keys(seq_len, model_cfg.attention) or seq_len / 2  # cudnn: its causal kernel skips masked blocks
     attn_fwd = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_size * tokens * keys
     total = 6.0 * matmul_params(cfg) * tokens + 3 * attn_fwd
-    if model_cfg.remat == "full":
-        total += 2.0 * cfg.num_layers * per_layer_mm * tokens + attn_fwd
+    if model_cfg.remat == "full":  # the forward again, but for down_proj, whose output the backward never reads
+        total += 2.0 * cfg.num_layers * (per_layer_mm - cfg.hidden_size * cfg.intermediate_size) * tokens + attn_fwd
     elif model_cfg.remat == "dots_no_batch":
         total += attn_fwd
     return total
 
 
+MARGIN = 0.9  # the estimate must fit in this share of what JAX may use: room for fragmentation and XLA's own buffers
+
+
+def allocator_fraction() -> tuple[float, str]:
+    """(share of a GPU's memory JAX's allocator may use, why): XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default, or all
+    of it with XLA_PYTHON_CLIENT_ALLOCATOR=platform."""
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == "platform":
+        return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform"
+    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if value:
+        return float(value), f"XLA_PYTHON_CLIENT_MEM_FRACTION={value}"
+    return 0.75, "JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION 0.75"
+
+
 def device_memory(configured_gb: float | None) -> tuple[float, str]:
-    """(bytes of memory per device, where the number comes from)."""
+    """(bytes one device lets JAX use, where the number comes from)."""
     if configured_gb:
-        return configured_gb * 2**30, "train.device_memory_gb"
+        fraction, why = allocator_fraction()
+        return configured_gb * 2**30 * fraction, f"{fraction:.0%} of train.device_memory_gb={configured_gb:g} ({why})"
     device = jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
-        return float(stats["bytes_limit"]), f"{device.device_kind} reports"
+        return float(stats["bytes_limit"]), f"the limit {device.device_kind} reports to JAX (its allocator's share of the card)"
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return host / max(1, jax.local_device_count()), "host memory shared by the local devices"
 
 
 def fit_message(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int, int], seq_len: int, limit: float, source: str) -> str | None:
-    """None when the estimate fits in 90 % of `limit`; else a message with the estimate and changes that help."""
+    """None when the estimate fits in MARGIN of `limit`; else a message with the estimate and changes that help."""
     est = estimate_memory(cfg, model_cfg, train_cfg, mesh, seq_len)
-    budget = 0.9 * limit
+    budget = MARGIN * limit
     if est.total <= budget:
         return None
     gib = 2**30
@@ -269,6 +283,6 @@ def fit_message(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int, in
     if model_cfg.dtype != "bfloat16":
         alt = estimate_memory(cfg, replace(model_cfg, dtype="bfloat16"), train_cfg, mesh, seq_len).total
         tips.append(f"model.dtype=bfloat16 ({alt / gib:.1f} GiB)")
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in est.table().items() if k != "total")
-    return (f"the run needs about {est.total / gib:.1f} GiB per device ({parts} GiB) but a device has {limit / gib:.1f} GiB "
-            f"({source}); try {' or '.join(tips) if tips else 'more devices'}, or set train.memory_check=warn to go on")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in est.table().items() if k not in ("arguments", "temporaries", "total"))
+    return (f"the run needs about {est.total / gib:.1f} GiB per device ({parts} GiB) but the check allows {budget / gib:.1f} GiB: "
+            f"{MARGIN:.0%} of {limit / gib:.1f} GiB ({source}); try {' or '.join(tips) if tips else 'more devices'}, or set train.memory_check=warn to go on")

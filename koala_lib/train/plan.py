@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,22 +58,24 @@ class StepPlan:
 
     def text(self) -> str:
         d, f, t = self.mesh
+        unit, size = ("GiB", GIB) if self.xla["peak"] >= GIB / 4 else ("MiB", 2**20)
+        count = f"{self.parameters / 1e9:.2f}B" if self.parameters >= 1e9 else f"{self.parameters / 1e6:.1f}M"
         lines = [
-            f"{self.profile}: {self.parameters / 1e9:.2f}B parameters ({self.architecture}), mesh {d},{f},{t}, "
+            f"{self.profile}: {count} parameters ({self.architecture}), mesh {d},{f},{t}, "
             f"{self.rows_per_device} row(s) x {self.seq_len} tokens per device per micro-batch, grad_accum {self.grad_accum}, "
             f"{self.dtype} matmuls, remat {self.remat}, {'scanned' if self.scan_layers else 'unrolled'} layers, "
             f"{self.attention} attention; compiled on {d * f * t} virtual CPU devices in {self.compile_seconds:.1f} s",
-            f"{'GiB per device':<34}{'kit estimate':>14}{'XLA (CPU)':>12}",
-            f"{'arguments (state, batch)':<34}{self.estimate['arguments'] / GIB:>14.2f}{self.xla['arguments'] / GIB:>12.2f}",
-            f"{'temporaries':<34}{self.estimate['temporaries'] / GIB:>14.2f}{self.xla['temporaries'] / GIB:>12.2f}",
-            f"{'peak':<34}{self.estimate['total'] / GIB:>14.2f}{self.xla['peak'] / GIB:>12.2f}",
+            f"{unit + ' per device':<34}{'kit estimate':>14}{'XLA (CPU)':>12}",
+            f"{'arguments (state, batch)':<34}{self.estimate['arguments'] / size:>14.2f}{self.xla['arguments'] / size:>12.2f}",
+            f"{'temporaries':<34}{self.estimate['temporaries'] / size:>14.2f}{self.xla['temporaries'] / size:>12.2f}",
+            f"{'peak':<34}{self.estimate['total'] / size:>14.2f}{self.xla['peak'] / size:>12.2f}",
             f"{'TFLOP per device per step':<34}{self.kit_dot_flops / 1e12:>14.3f}{self.xla_dot_flops / 1e12:>12.3f}"
             f"   (matmuls run, remat included; useful: {self.useful_flops / 1e12:.3f})",
         ]
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.estimate.items() if k not in ("arguments", "temporaries", "total"))
-        lines.append(f"estimate by part (GiB): {parts}")
+        parts = ", ".join(f"{k} {v / size:.2f}" for k, v in self.estimate.items() if k not in ("arguments", "temporaries", "total"))
+        lines.append(f"estimate by part ({unit}): {parts}")
         if self.estimate_profile != self.estimate["total"]:
-            lines.append(f"with the profile's {self.attention_profile_name} attention the estimate is {self.estimate_profile / GIB:.2f} GiB")
+            lines.append(f"with the profile's {self.attention_profile_name} attention (not compiled on a CPU) the estimate is {self.estimate_profile / size:.2f} {unit}")
         for card in (40, 80):
             est, xla = self.fits(card)
             lines.append(f"{card} GB card (75 % usable, JAX's default): estimate {'fits' if est else 'does not fit'}, XLA's CPU peak {'fits' if xla else 'does not fit'}")
@@ -152,18 +155,22 @@ def compile_step(cfg: Config) -> StepPlan:
     )
 
 
-def plan(cfgs: list[Config], timeout: float = 1800) -> list[StepPlan]:
-    """Compile each config's train step in a subprocess with the virtual CPU devices its mesh needs."""
+def plan(cfgs: list[Config], devices: int | None = None, timeout: float = 1800) -> list[StepPlan]:
+    """Compile each config's train step in a subprocess with the virtual CPU devices its mesh needs (`devices`: what a
+    -1 in `train.mesh` stands for; by default this machine's device count)."""
     from koala_lib.model.sharding import mesh_shape
 
+    cfgs = list(cfgs)
     results: list[StepPlan | None] = [None] * len(cfgs)
     groups: dict[int, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        sizes = [int(x) for x in cfg.train.mesh.split(",")]
-        if -1 in sizes:
-            raise ValueError(f"train.mesh {cfg.train.mesh!r}: `koala plan` needs every size given (e.g. 1,8,1), not -1")
-        n = sizes[0] * sizes[1] * sizes[2]
-        mesh_shape(cfg.train.mesh, n)
+        if "-1" in cfg.train.mesh.split(","):
+            if devices is None:
+                import jax
+
+                devices = jax.device_count()  # the -1 of `1,-1,1`: this machine's devices, as `fit` would take
+            cfgs[i] = cfg = replace(cfg, train=replace(cfg.train, mesh=",".join(map(str, mesh_shape(cfg.train.mesh, devices)))))
+        n = math.prod(int(x) for x in cfg.train.mesh.split(","))
         groups.setdefault(n, []).append(i)
     for n, indices in groups.items():
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
