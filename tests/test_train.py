@@ -146,7 +146,7 @@ def test_koala13b_without_remat_on_40gb_stops_before_allocating_with_what_to_cha
                    "train.variants=[sharegpt]", "train.device_memory_gb=40")
     curate(cfg, progress=False)
     condition(cfg, progress=False)
-    with pytest.raises(DoesNotFit, match=r"needs about [\d.]+ GiB per device .* the check allows 27.0 GiB: 90% of 30.0 GiB \(75% of train.device_memory_gb=40 .*try model.remat=full"):
+    with pytest.raises(DoesNotFit, match=r"needs about [\d.]+ GiB per device .* the check allows 27.0 GiB: 90% of 30.0 GiB \(75% of train.device_memory_gb=40: .*try model.remat=full"):
         fit(cfg, "sharegpt", progress=False)
     assert not (cfg.run_dir / "train" / "sharegpt" / "checkpoints").exists()
 

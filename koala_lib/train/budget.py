@@ -251,7 +251,7 @@ def device_memory(configured_gb: float | None) -> tuple[float, str]:
     """(bytes one device lets JAX use, where the number comes from)."""
     if configured_gb:
         fraction, why = allocator_fraction()
-        return configured_gb * 2**30 * fraction, f"{fraction:.0%} of train.device_memory_gb={configured_gb:g} ({why})"
+        return configured_gb * 2**30 * fraction, f"{fraction:.0%} of train.device_memory_gb={configured_gb:g}: {why}"
     device = jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
@@ -283,6 +283,9 @@ def fit_message(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int, in
     if model_cfg.dtype != "bfloat16":
         alt = estimate_memory(cfg, replace(model_cfg, dtype="bfloat16"), train_cfg, mesh, seq_len).total
         tips.append(f"model.dtype=bfloat16 ({alt / gib:.1f} GiB)")
+    fraction = allocator_fraction()[0]
+    if fraction < 0.95 and est.total <= MARGIN * limit / fraction * 0.95:  # the same card, more of it for JAX
+        tips.append(f"XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 in the environment ({MARGIN * limit / fraction * 0.95 / gib:.1f} GiB allowed)")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in est.table().items() if k not in ("arguments", "temporaries", "total"))
     return (f"the run needs about {est.total / gib:.1f} GiB per device ({parts} GiB) but the check allows {budget / gib:.1f} GiB: "
             f"{MARGIN:.0%} of {limit / gib:.1f} GiB ({source}); try {' or '.join(tips) if tips else 'more devices'}, or set train.memory_check=warn to go on")

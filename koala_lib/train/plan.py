@@ -52,9 +52,12 @@ class StepPlan:
     useful_flops: float  # per device per step, the model FLOPs MFU counts (full rows, causal)
 
     def fits(self, card_gib: float, fraction: float = 0.75) -> tuple[bool, bool]:
-        """(the estimate fits, XLA's peak fits) in `fraction` of a card of `card_gib` (JAX's default allocator)."""
+        """(the estimate for the profile's own attention passes `fit`'s check, XLA's CPU peak fits) on a card of `card_gib`
+        of which JAX may use `fraction`."""
+        from .budget import MARGIN
+
         usable = card_gib * GIB * fraction
-        return self.estimate["total"] <= usable, self.xla["peak"] <= usable
+        return self.estimate_profile <= MARGIN * usable, self.xla["peak"] <= usable
 
     def text(self) -> str:
         d, f, t = self.mesh
@@ -76,9 +79,16 @@ class StepPlan:
         lines.append(f"estimate by part ({unit}): {parts}")
         if self.estimate_profile != self.estimate["total"]:
             lines.append(f"with the profile's {self.attention_profile_name} attention (not compiled on a CPU) the estimate is {self.estimate_profile / size:.2f} {unit}")
+        from .budget import MARGIN, allocator_fraction
+
+        fraction, why = allocator_fraction()
         for card in (40, 80):
-            est, xla = self.fits(card)
-            lines.append(f"{card} GB card (75 % usable, JAX's default): estimate {'fits' if est else 'does not fit'}, XLA's CPU peak {'fits' if xla else 'does not fit'}")
+            for share, reason in dict.fromkeys([(fraction, why), (max(fraction, 0.95), "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95")]):
+                est, xla = self.fits(card, share)
+                lines.append(f"{card} GB card, JAX may use {share:.0%} ({reason}): the estimate {'passes' if est else 'fails'} the check "
+                             f"({MARGIN:.0%} of {card * share:.1f} GiB); XLA's CPU peak {'fits' if xla else 'does not fit'}")
+                if est:
+                    break
         return "\n".join(lines)
 
     attention_profile_name: str = "cudnn"

@@ -107,6 +107,24 @@ def budget_table(cfg: Config):
     return pd.DataFrame({"value": rows})
 
 
+def plan_table(cfg: Config):
+    """The train step compiled on virtual CPU devices (`koala plan`): the kit's estimate beside XLA's figures (a DataFrame)."""
+    import pandas as pd
+
+    from .plan import plan
+
+    p = plan([cfg])[0]
+    gib = 2**30
+    rows = {
+        "arguments: state and batch (GiB per device)": (p.estimate["arguments"] / gib, p.xla["arguments"] / gib),
+        "temporaries (GiB per device)": (p.estimate["temporaries"] / gib, p.xla["temporaries"] / gib),
+        "peak (GiB per device)": (p.estimate["total"] / gib, p.xla["peak"] / gib),
+        "matmul TFLOP per device per step": (p.kit_dot_flops / 1e12, p.xla_dot_flops / 1e12),
+    }
+    table = pd.DataFrame(rows, index=["kit estimate", f"XLA, {p.attention} attention on {p.mesh[0] * p.mesh[1] * p.mesh[2]} CPU devices"]).T
+    return table.round(4)
+
+
 def checkpoints_table(cfg: Config, variants: tuple[str, ...] | None = None):
     """The orbax checkpoints and Hugging Face export each variant left (a DataFrame)."""
     import pandas as pd
