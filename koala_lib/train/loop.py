@@ -158,7 +158,8 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         saved = {k: saved.get(k, False if k == "scan_layers" else None) for k in meta}  # older runs: unrolled layers
         if saved != meta:
             changed = ", ".join(f"{k}: {saved.get(k)} -> {meta[k]}" for k in meta if saved.get(k) != meta[k])
-            raise ValueError(f"{out_dir / 'checkpoints'} holds a run with other settings ({changed}); delete it or use another runs_dir")
+            back = f" or set train.scan_layers={str(saved['scan_layers']).lower()}" if saved["scan_layers"] != meta["scan_layers"] else ""
+            raise ValueError(f"{out_dir / 'checkpoints'} holds a run with other settings ({changed}); delete it{back} or use another runs_dir")
         restored = manager.restore(resumed, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.abstract())))
         state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored["state"]))
     metrics_path = out_dir / "metrics.jsonl"

@@ -95,26 +95,33 @@ class StepPlan:
 
 
 def architecture(cfg: Config):
-    """(LlamaConfig, where it came from): the base's config.json when it is on this machine, else `model.preset`."""
+    """(LlamaConfig, where it came from), as `fit` would build it: the base's config.json when the base is on this
+    machine, or `model.preset` (for a random init with the tokenizer's vocabulary, as stage 2 tokenized)."""
     from koala_lib.model.presets import from_hf_config, preset
 
     base = cfg.model.base
-    if cfg.model.init == "pretrained":
-        folder = None
-        if base == "default":
-            from koala_lib.model.gguf_default import default_model_dir
+    if cfg.model.init == "random":
+        from .loop import tokenizer_vocab
 
-            folder = default_model_dir()
-        elif Path(base).expanduser().is_dir():
-            folder = Path(base).expanduser()
-        else:
-            from huggingface_hub import try_to_load_from_cache
+        try:
+            return preset(cfg.model.preset).replace(vocab_size=tokenizer_vocab(cfg)), f"model.preset {cfg.model.preset}, the tokenizer's vocabulary"
+        except (OSError, ValueError) as exc:  # the tokenizer is not on this machine
+            return preset(cfg.model.preset), f"model.preset {cfg.model.preset} (its own vocabulary: the tokenizer is not here, {exc})"
+    folder = None
+    if base == "default":
+        from koala_lib.model.gguf_default import default_model_dir
 
-            cached = try_to_load_from_cache(base, "config.json")
-            folder = Path(cached).parent if isinstance(cached, str) else None
-        if folder is not None:
-            return from_hf_config(json.loads((folder / "config.json").read_text())), f"{base} config.json"
-    return preset(cfg.model.preset), f"model.preset {cfg.model.preset}" + ("" if cfg.model.init == "random" else f"; {base} is not on this machine")
+        folder = default_model_dir()
+    elif Path(base).expanduser().is_dir():
+        folder = Path(base).expanduser()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base, "config.json")
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    if folder is not None:
+        return from_hf_config(json.loads((folder / "config.json").read_text())), f"{base} config.json"
+    return preset(cfg.model.preset), f"model.preset {cfg.model.preset}; {base} is not on this machine"
 
 
 def compile_step(cfg: Config) -> StepPlan:

@@ -121,7 +121,7 @@ def plan_table(cfg: Config):
         "peak (GiB per device)": (p.estimate["total"] / gib, p.xla["peak"] / gib),
         "matmul TFLOP per device per step": (p.kit_dot_flops / 1e12, p.xla_dot_flops / 1e12),
     }
-    table = pd.DataFrame(rows, index=["kit estimate", f"XLA, {p.attention} attention on {p.mesh[0] * p.mesh[1] * p.mesh[2]} CPU devices"]).T
+    table = pd.DataFrame(rows, index=["kit estimate", f"XLA ({p.mesh[0] * p.mesh[1] * p.mesh[2]} CPU devices)"]).T
     return table.round(4)
 
 
