@@ -26,7 +26,7 @@ from koala_lib.config import Config, check_variants
 from koala_lib.model.checkpoints import abstract_model, load_hf, model_kwargs, param_path, resolve_checkpoint, save_hf
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import LlamaConfig, from_hf_config, preset
-from koala_lib.model.sharding import LLAMA_RULES, check_divisible, make_mesh, match_rules, mesh_shape, named, path_str
+from koala_lib.model.sharding import LLAMA_RULES, make_mesh, match_rules, mesh_shape, path_str
 from koala_lib.progress import bar as progress_bar
 
 from . import DoesNotFit
