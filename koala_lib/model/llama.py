@@ -7,13 +7,13 @@ Packed rows: `segment_ids` [B, T] (0 = padding) and `positions` [B, T] come with
 only to earlier tokens of its own segment, so each packed example is computed as if it were alone.
 
 Parameters live in `param_dtype` (fp32 master weights); matmuls run in `dtype` (e.g. bf16 on GPU).
+Attention goes through `jax.nn.dot_product_attention` (`xla` on CPU, `cudnn` on GPU, or JAX's choice).
 
 Layers are a list of blocks (`layers/3/mlp/up_proj/kernel`), or with `scan_layers` one block whose parameters
 carry a leading layer axis (`layers/mlp/up_proj/kernel` [L, D, I]), run by `jax.lax.scan` (what training uses):
 XLA compiles one layer instead of L, and under FSDP each step of the loop gathers only its own layer's weights,
 where an unrolled graph lets the scheduler gather every layer at once. `stack_layers` / `unstack_layers` convert
 between the two parameter layouts.
-Attention goes through `jax.nn.dot_product_attention` (`xla` on CPU, `cudnn` on GPU, or JAX's choice).
 
 Generation runs the same layers through `Llama.extend`, which writes keys and values into a KV cache
 (one [B, K, S, H] pair per layer, S cache slots) and attends over the slots marked valid, so a batch of
