@@ -67,7 +67,7 @@ class StepPlan:
             f"{self.profile}: {count} parameters ({self.architecture}), mesh {d},{f},{t}, "
             f"{self.rows_per_device} row(s) x {self.seq_len} tokens per device per micro-batch, grad_accum {self.grad_accum}, "
             f"{self.dtype} matmuls, remat {self.remat}, {'scanned' if self.scan_layers else 'unrolled'} layers, "
-            f"{self.attention} attention; compiled on {d * f * t} virtual CPU devices in {self.compile_seconds:.1f} s",
+            f"{self.attention} attention; compiled on {d * f * t} virtual CPU device{'s' if d * f * t > 1 else ''} in {self.compile_seconds:.1f} s",
             f"{unit + ' per device':<34}{'kit estimate':>14}{'XLA (CPU)':>12}",
             f"{'arguments (state, batch)':<34}{self.estimate['arguments'] / size:>14.2f}{self.xla['arguments'] / size:>12.2f}",
             f"{'temporaries':<34}{self.estimate['temporaries'] / size:>14.2f}{self.xla['temporaries'] / size:>12.2f}",
@@ -120,7 +120,8 @@ def architecture(cfg: Config):
         cached = try_to_load_from_cache(base, "config.json")
         folder = Path(cached).parent if isinstance(cached, str) else None
     if folder is not None:
-        return from_hf_config(json.loads((folder / "config.json").read_text())), f"{base} config.json"
+        name = "the embedded SmolLM2-135M" if base == "default" else base
+        return from_hf_config(json.loads((folder / "config.json").read_text())), f"{name} config.json"
     return preset(cfg.model.preset), f"model.preset {cfg.model.preset}; {base} is not on this machine"
 
 
