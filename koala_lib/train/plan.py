@@ -42,6 +42,7 @@ class StepPlan:
     dtype: str
     remat: str
     attention: str  # as compiled (xla on a CPU)
+    profile_attention: str  # as the profile sets it (what `fit` checks on its devices)
     scan_layers: bool
     compile_seconds: float
     xla: dict  # bytes per device: arguments, outputs, aliased, temporaries, peak
@@ -78,7 +79,7 @@ class StepPlan:
         parts = ", ".join(f"{k} {v / size:.2f}" for k, v in self.estimate.items() if k not in ("arguments", "temporaries", "total"))
         lines.append(f"estimate by part ({unit}): {parts}")
         if self.estimate_profile != self.estimate["total"]:
-            lines.append(f"with the profile's {self.attention_profile_name} attention (not compiled on a CPU) the estimate is {self.estimate_profile / size:.2f} {unit}")
+            lines.append(f"with the profile's {self.profile_attention} attention (not compiled on a CPU) the estimate is {self.estimate_profile / size:.2f} {unit}")
         from .budget import MARGIN, allocator_fraction
 
         fraction, why = allocator_fraction()
@@ -90,8 +91,6 @@ class StepPlan:
                 if est:
                     break
         return "\n".join(lines)
-
-    attention_profile_name: str = "cudnn"
 
 
 def architecture(cfg: Config):
@@ -164,12 +163,11 @@ def compile_step(cfg: Config) -> StepPlan:
     rows = micro // (shape[0] * shape[1])
     return StepPlan(
         profile=cfg.profile, architecture=source, parameters=arch.params_count(), mesh=shape, rows_per_device=rows,
-        grad_accum=t.grad_accum, seq_len=seq, dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention,
+        grad_accum=t.grad_accum, seq_len=seq, dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention, profile_attention=profile_attention,
         scan_layers=t.scan_layers, compile_seconds=round(seconds, 2), xla=xla, estimate=est.parts(), estimate_profile=est_profile.total,
         xla_dot_flops=dot_flops(compiled.as_text()),
-        kit_dot_flops=executed_dot_flops(arch, cfg.model, t.batch_size, seq, shape) / devices * 1.0,
+        kit_dot_flops=executed_dot_flops(arch, cfg.model, t.batch_size, seq, shape) / devices,
         useful_flops=useful_flops(arch, t.batch_size * seq, t.batch_size * seq * (seq + 1) / 2) / devices,
-        attention_profile_name=profile_attention,
     )
 
 
