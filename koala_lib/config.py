@@ -103,7 +103,17 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = doc(8, "rank r of each adapter (A [in, r], B [r, out])")
+    alpha: float = doc(16.0, "the update is scaled by alpha / rank (PEFT's lora_alpha)")
+    targets: tuple[str, ...] = doc((r"self_attn/(q|k|v|o)_proj", r"mlp/(gate|up|down)_proj"),
+                                   "regexes searched in the linear layers' kernel paths (layers/<i>/mlp/up_proj/kernel, lm_head/kernel)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
+    method: Literal["full", "lora"] = doc("full", "full: every weight trained (fp32 master weights); lora: the base frozen in model.dtype, low-rank adapters trained")
+    lora: LoRAConfig = doc(LoRAConfig, "the adapters of method: lora")
     variants: tuple[str, ...] = doc((), "models to fine-tune, each named by its data mixture (within data.mixture); empty = data.mixture")
     mesh: str = doc("1,-1,1", "device mesh (data, fsdp, tensor) sizes; -1 = the remaining devices")
     scan_layers: bool = doc(True, "loop over the layers with lax.scan (one layer compiled; FSDP gathers one layer at a time); false = unrolled")
@@ -342,6 +352,10 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
     for name in cfg.eval.calibration.sources:
         if name not in ("hh", "webgpt", "summarize"):
             raise ConfigError(f"eval.calibration.sources: {name!r} has no human preference labels (allowed: hh, webgpt, summarize)")
+    if cfg.train.method == "lora" and cfg.model.init == "random":
+        raise ConfigError("train.method: lora adapts a pretrained base, but model.init is random; set model.init=pretrained or train.method=full")
+    if cfg.train.lora.rank < 1 or cfg.train.lora.alpha <= 0:
+        raise ConfigError(f"train.lora: rank {cfg.train.lora.rank}, alpha {cfg.train.lora.alpha}; rank must be at least 1 and alpha above 0")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
     g = cfg.generate

@@ -33,6 +33,7 @@ LLAMA_RULES: tuple[tuple[str, P], ...] = (
     (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),  # [I, D]
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [D, V]
     (r"(layernorm|norm)/weight$", P()),  # [D], small: replicated
+    (r"/lora_(a|b)$", P()),  # LoRA adapters [in, r] and [r, out], small: replicated
 )
 
 

@@ -32,8 +32,8 @@ from koala_lib.progress import bar as progress_bar
 from . import DoesNotFit
 from .budget import device_memory, fit_message, flops_per_token, peak_flops, useful_flops
 from .data import BATCH_SPEC, VariantData, variant_name
-from .state import StateLayout
-from .step import make_eval_step, make_train_step
+from .state import StateLayout, base_kwargs
+from .step import make_eval_step, make_train_step, weights
 
 
 @dataclass
@@ -73,13 +73,15 @@ def tokenizer_vocab(cfg: Config) -> int:
 
 
 def build_model(cfg: Config, arch: LlamaConfig, folder: Path | None, mesh) -> Llama:
-    """The base model with each parameter placed on its shards as it is read (or initialized)."""
-    abstract = nnx.to_pure_dict(nnx.split(abstract_model(arch, **model_kwargs(cfg.model)), nnx.Param, ...)[1])
+    """The base model with each parameter placed on its shards as it is read (or initialized); for LoRA in the
+    compute dtype (the frozen base is never updated, so it needs no fp32 master copy)."""
+    kwargs = base_kwargs(cfg)
+    abstract = nnx.to_pure_dict(nnx.split(abstract_model(arch, **kwargs), nnx.Param, ...)[1])
     specs = {path_str(path): spec for path, spec in jax.tree_util.tree_flatten_with_path(
         match_rules(LLAMA_RULES, abstract), is_leaf=lambda x: isinstance(x, P))[0]}
     if folder is not None:
-        return load_hf(folder, sharding=lambda name: NamedSharding(mesh, specs[param_path(name)]), **model_kwargs(cfg.model))
-    graphdef, params, rest = nnx.split(Llama(arch, rngs=nnx.Rngs(cfg.seed), **model_kwargs(cfg.model)), nnx.Param, ...)
+        return load_hf(folder, sharding=lambda name: NamedSharding(mesh, specs[param_path(name)]), **kwargs)
+    graphdef, params, rest = nnx.split(Llama(arch, rngs=nnx.Rngs(cfg.seed), **kwargs), nnx.Param, ...)
 
     def place(path, x):
         host = np.asarray(x)
@@ -135,6 +137,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     data = VariantData.open(cfg, variant)
     total = data.total_steps(t.max_steps)
     arch, folder = model_config(cfg, tokenizer_vocab(cfg))
+    layout = StateLayout.build(cfg, arch, mesh, total)  # shapes only; checks the LoRA targets
 
     if t.memory_check != "off":
         limit, source = device_memory(t.device_memory_gb)
@@ -144,30 +147,32 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         if message:
             print(f"warning: {message}")
 
-    layout = StateLayout.build(cfg, arch, mesh, total)
     state = layout.init(nnx.to_pure_dict(nnx.split(build_model(cfg, arch, folder, mesh), nnx.Param, ...)[1]), cfg.seed)
     state_shardings = layout.shardings
     meta = {"variant": name, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "seq_len": data.seq_len,
             "total_steps": total, "rows": [data.rows(e) for e in range(len(data.epochs))], "seed": cfg.seed,
-            "scan_layers": t.scan_layers}
+            "scan_layers": t.scan_layers, "method": t.method,
+            "lora": {"rank": t.lora.rank, "alpha": t.lora.alpha, "targets": list(t.lora.targets)} if t.method == "lora" else None}
+    older = {"scan_layers": False, "method": "full"}  # what a run from before these settings used
 
     manager = _manager(out_dir / "checkpoints", t.keep_checkpoints)
     resumed = manager.latest_step()
     if resumed is not None:
         saved = manager.restore(resumed, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved = {k: saved.get(k, False if k == "scan_layers" else None) for k in meta}  # older runs: unrolled layers
+        saved = {k: saved.get(k, older.get(k)) for k in meta}
         if saved != meta:
             changed = ", ".join(f"{k}: {saved.get(k)} -> {meta[k]}" for k in meta if saved.get(k) != meta[k])
             back = f" or set train.scan_layers={str(saved['scan_layers']).lower()}" if saved["scan_layers"] != meta["scan_layers"] else ""
             raise ValueError(f"{out_dir / 'checkpoints'} holds a run with other settings ({changed}); delete it{back} or use another runs_dir")
-        restored = manager.restore(resumed, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.abstract())))
-        state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored["state"]))
+        restored = manager.restore(resumed, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.checkpointed(layout.abstract()))))
+        kept = layout.checkpointed(state)
+        state = {**state, **jax.tree.unflatten(jax.tree.structure(kept), jax.tree.leaves(restored["state"]))}
     metrics_path = out_dir / "metrics.jsonl"
     _resume_metrics(metrics_path, resumed)
 
     batch_sharding = NamedSharding(mesh, BATCH_SPEC)
     train_step = make_train_step(layout.graphdef, layout.rest, layout.tx, layout.schedule, state_shardings, batch_sharding)
-    eval_step = make_eval_step(layout.graphdef, layout.rest, state_shardings["params"], batch_sharding)
+    eval_step = make_eval_step(layout.graphdef, layout.rest, weights(state_shardings), batch_sharding)
     peak, peak_source = peak_flops(jax.devices()[0], cfg.model.dtype, t.peak_tflops)
     flops = flops_per_token(arch, data.seq_len)
     writer = open(metrics_path, "a", encoding="utf-8") if jax.process_index() == 0 else None
@@ -180,7 +185,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     def evaluate(step: int) -> float | None:
         sums = np.zeros(3)
         for batch in data.eval_batches(mesh, t.eval_rows):
-            sums += np.array([float(x) for x in eval_step(state["params"], batch)])
+            sums += np.array([float(x) for x in eval_step(weights(state), batch)])
         if not sums[2]:  # the variant's sources have no held-out example: no eval loss, rather than a 0
             log({"step": step, "eval_targets": 0})
             return None
@@ -224,7 +229,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total:
                 evaluate(step + 1)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == total:
-                manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step + 1, "epoch": epoch})))
+                manager.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(layout.checkpointed(state)), meta=ocp.args.JsonSave({**meta, "step": step + 1, "epoch": epoch})))
         if start < total:
             eval_loss = evaluate(total)
         else:  # already complete: the eval of the finished run
@@ -238,7 +243,9 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         manager.close()
     seconds = time.perf_counter() - began
     if t.export_hf:
-        export(cfg, layout.model(state["params"]), folder, out_dir / "hf")
+        export(cfg, layout.model(state), folder, out_dir / "hf")
+        if layout.lora:
+            export_adapter(cfg, layout.adapter(state), out_dir / "adapter")
     summary = {"variant": name, "steps": total, "resumed_from": resumed, "first_loss": first_loss,
                "final_loss": last["loss"] if last else None, "final_eval_loss": None if eval_loss is None else round(float(eval_loss), 6),
                "seconds": round(seconds, 2), "compile_seconds": round(compile_s, 2),
@@ -265,3 +272,19 @@ def export(cfg: Config, model: Llama, base_folder: Path | None, out: Path) -> No
             tokenizer = load_tokenizer(cfg)
             tokenizer_dir = Path(tokenizer.name_or_path)
         save_hf(model, out, tokenizer_from=tokenizer_dir)
+
+
+def export_adapter(cfg: Config, adapters: dict, out: Path) -> None:
+    """A LoRA run's adapters alone, in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`)."""
+    from jax.experimental import multihost_utils
+
+    from koala_lib.model.peft import save_adapter
+
+    if jax.process_count() > 1:
+        adapters = multihost_utils.process_allgather(adapters, tiled=True)
+    if jax.process_index() == 0:
+        lora = cfg.train.lora
+        base = cfg.model.base
+        if base == "default" or Path(base).expanduser().is_dir():  # a local folder: its absolute path, which PEFT can load
+            base = str(resolve_checkpoint(base).resolve())
+        save_adapter(jax.device_get(adapters), out, rank=lora.rank, alpha=lora.alpha, base_model=base)

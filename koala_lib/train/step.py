@@ -8,6 +8,9 @@ accumulating micro-batches gives exactly the full batch's gradient.
 
     step_fn = make_train_step(graphdef, rest, tx, schedule, state_shardings, batch_sharding)
     state, stats = step_fn(state, batch)     # stats: loss, accuracy, targets, grad_norm, lr, tokens, attention_pairs
+
+The gradient is taken with respect to `state["params"]`. A LoRA state also holds `frozen` (the base weights),
+merged into the model beside them and passed through the step unchanged.
 """
 
 from __future__ import annotations
@@ -52,15 +55,15 @@ def work(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {"tokens": jnp.sum(real, dtype=jnp.float32), "attention_pairs": jnp.sum(jnp.where(real, batch["positions"] + 1, 0), dtype=jnp.float32)}
 
 
-def _forward_sums(graphdef, rest, params, batch):
-    model = nnx.merge(graphdef, params, rest)
+def _forward_sums(graphdef, rest, params, frozen, batch):
+    model = nnx.merge(graphdef, params, *frozen, rest)
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, T, V]
     return token_sums(logits, batch)
 
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, state_shardings: Any, batch_sharding: Any):
     """A jitted `(state, batch) -> (state, stats)`; the state's arrays keep their shardings (donated)."""
-    grad_fn = jax.value_and_grad(lambda p, mb: _forward_sums(graphdef, rest, p, mb), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, frozen, mb: _forward_sums(graphdef, rest, p, frozen, mb), has_aux=True)
 
     mesh = batch_sharding.mesh.abstract_mesh
 
@@ -70,14 +73,15 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
 
     def update(state, batch):
         params = state["params"]
+        frozen = (state["frozen"],) if "frozen" in state else ()
 
         def micro(carry, mb):
             grads, loss, correct, count = carry
-            (l, (c, n)), g = grad_fn(params, mb)
+            (l, (c, n)), g = grad_fn(params, frozen, mb)
             return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c, count + n), None
 
         if batch["tokens"].shape[0] == 1:  # no accumulation: no loop, no zero gradients to add to
-            (loss, (correct, count)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+            (loss, (correct, count)), grads = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], batch))
         else:
             zeros = jax.tree.map(jnp.zeros_like, params)
             init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
@@ -86,6 +90,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {
+            **state,
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
             "step": state["step"] + 1,
@@ -104,15 +109,21 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def make_eval_step(graphdef, rest, param_shardings: Any, batch_sharding: Any):
-    """A jitted `(params, batch) -> (loss sum, correct, targets)` over a [1, micro, T] batch."""
+def weights(state: dict) -> dict:
+    """The parts of a train state the model is built from: `params`, and a LoRA run's `frozen` base."""
+    return {k: state[k] for k in ("params", "frozen") if k in state}
+
+
+def make_eval_step(graphdef, rest, weight_shardings: Any, batch_sharding: Any):
+    """A jitted `(weights(state), batch) -> (loss sum, correct, targets)` over a [1, micro, T] batch."""
 
     mesh = batch_sharding.mesh.abstract_mesh
 
-    def evaluate(params, batch):
+    def evaluate(w, batch):
         mb = jax.tree.map(lambda x: x[0], batch)
+        frozen = (w["frozen"],) if "frozen" in w else ()
         with jax.sharding.use_abstract_mesh(mesh):
-            loss, (correct, count) = _forward_sums(graphdef, rest, params, mb)
+            loss, (correct, count) = _forward_sums(graphdef, rest, w["params"], frozen, mb)
         return loss, correct, count
 
-    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding))
+    return jax.jit(evaluate, in_shardings=(weight_shardings, batch_sharding))

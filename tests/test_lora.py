@@ -1,0 +1,124 @@
+"""LoRA training: the adapted model starts as the base, only adapters train, settings errors, and kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from koala_lib import config
+from koala_lib.config import ConfigError
+from koala_lib.model.llama import Llama
+from koala_lib.model.lora import add_adapters, merge_adapters
+from koala_lib.model.presets import preset
+from koala_lib.model.sharding import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_an_adapted_model_computes_the_base_model_exactly_until_b_moves(scan):
+    model = Llama(preset("debug"), rngs=nnx.Rngs(0), scan_layers=scan, remat="full")
+    base = model(TOKENS)
+    added = add_adapters(model, rank=4, alpha=8, key=jax.random.key(1))
+    assert len(added) == 2 * 7 and "layers/1/mlp/down_proj/kernel" in added
+    assert np.array_equal(np.asarray(model(TOKENS)), np.asarray(base))  # B = 0: bit for bit
+    graphdef, adapters, frozen, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+    adapters, frozen = nnx.to_pure_dict(adapters), nnx.to_pure_dict(frozen)
+    a = adapters["layers"]["self_attn"]["q_proj"]["lora_a"] if scan else adapters["layers"][0]["self_attn"]["q_proj"]["lora_a"]
+    assert a.dtype == jnp.float32 and float(jnp.abs(a).max()) > 0 and float(jnp.abs(a).max()) <= 1 / 64**0.5
+    moved = jax.tree.map(lambda x: x + 0.01, adapters)
+    adapted = nnx.merge(graphdef, moved, frozen, rest)(TOKENS)
+    plain = nnx.split(Llama(preset("debug"), rngs=nnx.Rngs(0), scan_layers=scan), nnx.Param, ...)[0]
+    merged = nnx.merge(plain, merge_adapters(frozen, moved, 2.0), rest)(TOKENS)
+    assert float(jnp.abs(adapted - base).max()) > 1e-2  # the adapters now matter...
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), atol=2e-5)  # ...and merging computes the same
+
+
+def test_scanned_and_unrolled_adapters_start_equal():
+    per_layout = {}
+    for scan in (False, True):
+        model = Llama(preset("debug"), rngs=nnx.Rngs(0), scan_layers=scan)
+        add_adapters(model, rank=4, alpha=8, key=jax.random.key(1))
+        a = nnx.to_pure_dict(nnx.split(model, nnx.LoRAParam, ...)[1])["layers"]
+        per_layout[scan] = a["mlp"]["up_proj"]["lora_a"][1] if scan else a[1]["mlp"]["up_proj"]["lora_a"]
+    assert np.array_equal(per_layout[False], per_layout[True])
+
+
+def test_settings_errors_name_what_is_wrong():
+    model = Llama(preset("debug"), rngs=nnx.Rngs(0), scan_layers=True)
+    with pytest.raises(ValueError, match=r"'attn/qq_proj' matches no linear layer; the kernel paths are .*layers/<i>/self_attn/q_proj/kernel.*lm_head/kernel"):
+        add_adapters(model, rank=4, alpha=8, targets=("attn/qq_proj",), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"rank 40 is above layers/0/self_attn/k_proj/kernel's smaller dimension \(64 x 32\)"):
+        add_adapters(model, rank=40, alpha=8, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"pick self_attn/q_proj/kernel in layers 0 only; .*train.scan_layers=false"):
+        add_adapters(model, rank=4, alpha=8, targets=("layers/0/self_attn/q_proj",), key=jax.random.key(0))
+    assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))  # checked before any change
+    unrolled = Llama(preset("debug"), rngs=nnx.Rngs(0))
+    assert add_adapters(unrolled, rank=4, alpha=8, targets=("layers/0/self_attn/q_proj",), key=jax.random.key(0)) == ["layers/0/self_attn/q_proj/kernel"]
+    with pytest.raises(ConfigError, match="train.method: lora adapts a pretrained base, but model.init is random"):
+        config.load("smoke", ["train.method=lora"])
+
+
+# ----------------------------------------------------------------------------- the train state and step
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A small 'pretrained' base as a Hugging Face folder, with the default model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from koala_lib.model.checkpoints import resolve_checkpoint, save_hf
+
+    tokenizer = resolve_checkpoint("default")
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    return save_hf(Llama(preset("debug").replace(vocab_size=vocab), rngs=nnx.Rngs(3)), tmp_path_factory.mktemp("base") / "hf", tokenizer_from=tokenizer)
+
+
+def _lora_cfg(tiny_base, runs, *overrides):
+    return config.load("smoke", [f"runs_dir={runs}", f"figures_dir={runs}/fig", "model.init=pretrained", f"model.base={tiny_base}",
+                                 "train.method=lora", *overrides])
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_lora_step_changes_the_adapters_only_and_the_frozen_base_stays_in_the_compute_dtype(tiny_base, tmp_path, scan):
+    from koala_lib.model.checkpoints import load_hf
+    from koala_lib.train.state import StateLayout
+    from koala_lib.train.step import make_train_step
+
+    cfg = _lora_cfg(tiny_base, tmp_path, f"train.scan_layers={str(scan).lower()}", "model.dtype=bfloat16", "train.learning_rate=1e-2")
+    base = load_hf(tiny_base)
+    arch, mesh = base.cfg, make_mesh("1,1,1")
+    layout = StateLayout.build(cfg, arch, mesh, total_steps=4)
+    params = nnx.to_pure_dict(nnx.split(load_hf(tiny_base, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), nnx.Param, ...)[1])
+    expected = jax.tree.map(np.asarray, params)  # `init` consumes (donates) what it is given
+    state = layout.init(params, seed=0)
+    assert {x.dtype for x in jax.tree.leaves(state["frozen"])} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    # step 0: the merged export is the base, bit for bit
+    exported = nnx.to_pure_dict(nnx.split(layout.model(state), nnx.Param, ...)[1])
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(expected)))
+    frozen_before = jax.tree.map(np.asarray, state["frozen"])
+    adapters_before = jax.tree.map(np.asarray, state["params"])
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, arch.vocab_size, (1, 8, 64)).astype(np.int32), "positions": np.tile(np.arange(64, dtype=np.int32), (1, 8, 1)),
+             "segment_ids": np.ones((1, 8, 64), np.int32), "loss_mask": np.ones((1, 8, 64), np.int32)}
+    step = make_train_step(layout.graphdef, layout.rest, layout.tx, layout.schedule, layout.shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    for _ in range(3):  # lr is 0 at step 0 (warmup); B moves at the second, and A once B is no longer zero
+        state, stats = step(state, batch)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state["frozen"])))
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters_before), jax.tree.leaves(state["params"]))]
+    assert all(changed), "every adapter matrix moves (B from zero, A through B's gradient)"
+    assert float(stats["grad_norm"]) > 0
