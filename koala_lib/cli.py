@@ -9,6 +9,7 @@
     koala leakage|judge|rate|mturk|report --profile demo      (stage 5, see koala_lib/cli_eval.py)
     koala pipeline --profile demo --stages 01
     koala weights fetch-default
+    koala weights merge --base B --adapter A --out DIR     (a PEFT LoRA adapter merged into B)
 """
 
 from __future__ import annotations
@@ -170,6 +171,14 @@ def cmd_weights_recover(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_weights_merge(args: argparse.Namespace) -> int:
+    from koala_lib.model.checkpoints import resolve_checkpoint
+    from koala_lib.model.peft import merge_folder
+
+    print(merge_folder(resolve_checkpoint(args.base), Path(args.adapter), Path(args.out)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koala", description="Reproduce the Koala chatbot, stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diff", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_weights_recover)
+    p = weights.add_parser("merge", help="base + a PEFT LoRA adapter folder -> a merged Hugging Face folder (the base's dtype)")
+    p.add_argument("--base", required=True, help="`default`, a Hugging Face folder, or a hub id")
+    p.add_argument("--adapter", required=True, help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--out", required=True, help="the merged folder to write")
+    p.set_defaults(func=cmd_weights_merge)
     return parser
 
 
@@ -267,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from koala_lib.evaluation.judgments import JudgmentError
     from koala_lib.evaluation.mturk import MTurkError
     from koala_lib.evaluation.rating_app import StudyError
+    from koala_lib.model.peft import AdapterError
     from koala_lib.model.weights_diff import BaseMismatch
     from koala_lib.pipeline import StageFailed
     from koala_lib.train import DoesNotFit
@@ -274,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (ConfigError, SourceFormatError, StageFailed, FileNotFoundError, BaseMismatch, DoesNotFit, JudgmentError,
-            MTurkError, StudyError) as exc:
+            MTurkError, StudyError, AdapterError) as exc:
         print(f"koala: error: {exc}", file=sys.stderr)
         return 2
 

@@ -122,3 +122,93 @@ def test_a_lora_step_changes_the_adapters_only_and_the_frozen_base_stays_in_the_
     changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters_before), jax.tree.leaves(state["params"]))]
     assert all(changed), "every adapter matrix moves (B from zero, A through B's gradient)"
     assert float(stats["grad_norm"]) > 0
+
+
+# ----------------------------------------------------------------------------- runs in subprocesses (slow)
+
+SETTINGS = ["train.batch_size=8", "train.grad_accum=2", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
+            "train.variants=[koala_all]", "train.learning_rate=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def lora_rows(tiny_base, tmp_path_factory) -> Path:
+    """Stage 1 and 2 outputs for the tiny base, made once for this module."""
+    from koala_lib.conditioning.stage import condition
+    from koala_lib.data.curate import curate
+
+    runs = tmp_path_factory.mktemp("rows")
+    cfg = _lora_cfg(tiny_base, runs)
+    curate(cfg, progress=False)
+    condition(cfg, progress=False)
+    return runs
+
+
+def _script(runs: Path, tiny_base: Path, sleep_after: int | None) -> str:
+    overrides = [f"runs_dir={runs}", f"figures_dir={runs}/fig", "model.init=pretrained", f"model.base={tiny_base}", "train.method=lora", *SETTINGS]
+    return textwrap.dedent(f"""
+        import time
+        from koala_lib import config
+        from koala_lib.train.loop import fit
+        cfg = config.load("smoke", {overrides!r})
+        fit(cfg, "koala_all", progress=False, on_step=lambda step, row: time.sleep(30 if {sleep_after!r} and step >= {sleep_after!r} else 0))
+    """)
+
+
+def _run(runs: Path, tiny_base: Path, sleep_after: int | None = None, background: bool = False):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "KOALA_HOME": str(ROOT), "XLA_FLAGS": ""}
+    args = [sys.executable, "-c", _script(runs, tiny_base, sleep_after)]
+    if background:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _outputs(runs: Path) -> tuple[list[float], dict, dict]:
+    from safetensors.numpy import load_file
+
+    out = runs / "smoke" / "train" / "koala_all"
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return losses, load_file(out / "hf" / "model.safetensors"), load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_lora_run_killed_mid_way_resumes_to_the_adapters_of_an_uninterrupted_run(tiny_base, lora_rows, tmp_path):
+    import shutil
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for runs in (whole, cut):
+        shutil.copytree(lora_rows, runs)
+    _run(whole, tiny_base)
+    proc = _run(cut, tiny_base, sleep_after=2, background=True)
+    done = cut / "smoke" / "train" / "koala_all" / "checkpoints" / "2" / "commit_success.txt"
+    deadline = time.time() + 300
+    while not done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert done.exists(), proc.communicate()[0][-3000:] if proc.poll() is not None else "no checkpoint in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (cut / "smoke" / "train" / "koala_all" / "hf").exists()
+    tree = (cut / "smoke" / "train" / "koala_all" / "checkpoints" / "2" / "state" / "_METADATA").read_text()
+    assert '"frozen"' not in tree and '"lora_b"' in tree  # the checkpoint holds the adapters, not the base
+    _run(cut, tiny_base)
+    summary = json.loads((cut / "smoke" / "train" / "koala_all" / "summary.json").read_text())
+    assert summary["resumed_from"] == 2
+    (losses, merged, adapter), (ref_losses, ref_merged, ref_adapter) = _outputs(cut), _outputs(whole)
+    assert losses == ref_losses and len(losses) == 4 and losses[-1] < losses[0]
+    assert merged.keys() == ref_merged.keys() and all(np.array_equal(merged[n], ref_merged[n]) for n in merged)
+    assert adapter.keys() == ref_adapter.keys() and all(np.array_equal(adapter[n], ref_adapter[n]) for n in adapter)
+    assert any(not np.array_equal(ref_adapter[n], 0) for n in ref_adapter if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_resuming_a_full_run_as_lora_is_refused_by_name(tiny_base, lora_rows, tmp_path):
+    import shutil
+
+    from koala_lib.train.loop import fit
+
+    shutil.copytree(lora_rows, tmp_path / "runs")
+    settings = [s for s in SETTINGS if not s.startswith("train.max_steps")] + ["train.max_steps=2", "train.export_hf=false"]
+    cfg = _lora_cfg(tiny_base, tmp_path / "runs", *settings)
+    fit(config.load("smoke", [f"runs_dir={tmp_path / 'runs'}", "model.init=pretrained", f"model.base={tiny_base}", *settings]), "koala_all", progress=False)
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(method: full -> lora, lora: None -> \{'rank': 8"):
+        fit(cfg, "koala_all", progress=False)

@@ -245,7 +245,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     if t.export_hf:
         export(cfg, layout.model(state), folder, out_dir / "hf")
         if layout.lora:
-            export_adapter(cfg, layout.adapter(state), out_dir / "adapter")
+            export_adapter(cfg, layout.adapter(state), arch.num_layers, out_dir / "adapter")
     summary = {"variant": name, "steps": total, "resumed_from": resumed, "first_loss": first_loss,
                "final_loss": last["loss"] if last else None, "final_eval_loss": None if eval_loss is None else round(float(eval_loss), 6),
                "seconds": round(seconds, 2), "compile_seconds": round(compile_s, 2),
@@ -274,7 +274,7 @@ def export(cfg: Config, model: Llama, base_folder: Path | None, out: Path) -> No
         save_hf(model, out, tokenizer_from=tokenizer_dir)
 
 
-def export_adapter(cfg: Config, adapters: dict, out: Path) -> None:
+def export_adapter(cfg: Config, adapters: dict, num_layers: int, out: Path) -> None:
     """A LoRA run's adapters alone, in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`)."""
     from jax.experimental import multihost_utils
 
@@ -287,4 +287,4 @@ def export_adapter(cfg: Config, adapters: dict, out: Path) -> None:
         base = cfg.model.base
         if base == "default" or Path(base).expanduser().is_dir():  # a local folder: its absolute path, which PEFT can load
             base = str(resolve_checkpoint(base).resolve())
-        save_adapter(jax.device_get(adapters), out, rank=lora.rank, alpha=lora.alpha, base_model=base)
+        save_adapter(jax.device_get(adapters), out, rank=lora.rank, alpha=lora.alpha, base_model=base, num_layers=num_layers)
