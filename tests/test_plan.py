@@ -48,6 +48,27 @@ def test_estimate_is_within_15_percent_of_xla_and_the_flop_count_within_5(model,
 
 
 @pytest.mark.slow
+def test_lora_estimate_is_within_15_percent_of_xla_and_counts_only_the_adapters_as_trained():
+    """SmolLM2-135M (the embedded base) with rank-8 adapters on every projection, fsdp 8, every remat policy."""
+    settings = [load("demo", ["train.method=lora", "train.mesh=1,8,1", f"train.batch_size={8 * accum}", f"train.grad_accum={accum}",
+                              "conditioning.seq_len=256", f"model.remat={remat}", "model.attention=xla"])
+                for remat in ("none", "full", "dots", "dots_no_batch") for accum in (1, 2)]
+    full = plan([load("demo", ["train.mesh=1,8,1", "train.batch_size=8", "conditioning.seq_len=256", "model.remat=none", "model.attention=xla"])])[0]
+    plans = plan(settings)
+    for p in plans:
+        setting = f"lora remat={p.remat} grad_accum={p.grad_accum}"
+        assert p.cpu_upcast == 0  # fp32: nothing for the CPU to convert
+        assert p.estimate["arguments"] == pytest.approx(p.xla["arguments"], rel=0.02), setting
+        assert p.estimate["total"] == pytest.approx(p.xla["peak"], rel=0.15), setting
+        assert p.kit_dot_flops == pytest.approx(p.xla_dot_flops, rel=0.05), setting
+    lora = next(p for p in plans if p.remat == "none" and p.grad_accum == 1)
+    # no moments of the base: a device holds its eighth of the base (67 MB) and whole copies of the 2.4M replicated
+    # adapters with their moments (29 MB); full fine-tuning holds an eighth of the parameters and both moments (202 MB)
+    assert lora.xla["arguments"] < 0.5 * full.xla["arguments"]
+    assert lora.xla_dot_flops < 0.75 * full.xla_dot_flops  # no weight gradient of the frozen matmuls (4 FLOPs, not 6)
+
+
+@pytest.mark.slow
 def test_koala_plan_prints_both_columns(capsys):
     from koala_lib.cli import main
 

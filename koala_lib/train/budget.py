@@ -13,7 +13,9 @@ within each packed example; padding, masked pairs and rematerialization are not 
 
 The memory estimate models the step `fit` compiles (layers scanned, FSDP): the sharded state, one layer
 gathered whole at a time, what each layer keeps for the backward pass under the remat policy, and the logits.
-`koala plan` sets it beside what XLA allocates.
+`koala plan` sets it beside what XLA allocates. With `train.method: lora` the state is the frozen base in the
+compute dtype (sharded the same way) and the fp32 adapters with their AdamW moments (replicated); gradients are
+the adapters' alone, so the peaks lose the unsharded weight gradients of full fine-tuning.
 """
 
 from __future__ import annotations
@@ -71,16 +73,21 @@ def attention_pair_flops(cfg: LlamaConfig) -> float:
     return 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_size
 
 
-def useful_flops(cfg: LlamaConfig, tokens: float, attention_pairs: float) -> float:
+def useful_flops(cfg: LlamaConfig, tokens: float, attention_pairs: float, adapters: int | None = None) -> float:
     """Training FLOPs of the useful work in a batch: 6 per matmul parameter for every real (non-padding) token, and
     the attention over the causal pairs within each packed example (`attention_pairs` = sum over tokens of their
-    position in the example + 1). Padding, masked pairs and rematerialization are not counted."""
-    return 6.0 * matmul_params(cfg) * tokens + attention_pair_flops(cfg) * attention_pairs
+    position in the example + 1). Padding, masked pairs and rematerialization are not counted.
+
+    LoRA (`adapters`: the adapter parameter count) needs no weight gradient of the frozen base: 4 per matmul
+    parameter (forward, and the activations' gradient), and 6 per adapter parameter."""
+    if adapters is None:
+        return 6.0 * matmul_params(cfg) * tokens + attention_pair_flops(cfg) * attention_pairs
+    return (4.0 * matmul_params(cfg) + 6.0 * adapters) * tokens + attention_pair_flops(cfg) * attention_pairs
 
 
-def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+def flops_per_token(cfg: LlamaConfig, seq_len: int, adapters: int | None = None) -> float:
     """Useful training FLOPs per token of one example filling a whole row of `seq_len` (causal attention)."""
-    return useful_flops(cfg, seq_len, seq_len * (seq_len + 1) / 2) / seq_len
+    return useful_flops(cfg, seq_len, seq_len * (seq_len + 1) / 2, adapters) / seq_len
 
 
 _MEASURED: dict[tuple[str, str], float] = {}
@@ -138,12 +145,13 @@ class MemoryEstimate:
     """Bytes per device of one train step, by part. `arguments` are what the step is given (the state, donated and
     updated in place, and the batch). Of the temporaries, the gradient and every layer's saved activations are
     alive at the peak, together with the larger of the loss's buffers (`logits`) and one layer's backward
-    (`layer`): the step's two high points."""
+    (`layer`): the step's two high points. For LoRA the trained weights are the adapters: `optimizer` and `grads`
+    are theirs, and `params` holds the frozen base (in the compute dtype) beside them."""
 
-    params: float  # fp32 master weights, sharded
-    optimizer: float  # AdamW's two moments, sharded
+    params: float  # fp32 master weights, sharded (LoRA: the frozen base, sharded, + the fp32 adapters, replicated)
+    optimizer: float  # AdamW's two moments of the trained weights
     batch: float  # the step's token ids, masks, segments and positions
-    grads: float  # the sharded gradient (two with accumulation: the running sum and a micro-batch's)
+    grads: float  # the trained weights' gradient (two with accumulation: the running sum and a micro-batch's)
     activations: float  # what every layer keeps for the backward pass, per the remat policy
     logits: float  # at the loss: the output head gathered whole, fp32 logits and their gradient, the head's gradient
     layer: float  # in one layer's backward: its weights gathered whole, their gradient, its recomputed activations
@@ -194,6 +202,8 @@ def estimate_memory(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int
     """Bytes per device of a train step of `train_cfg.batch_size` rows of `seq_len` on a (data, fsdp, tensor) mesh."""
     from .residuals import layer_residual_bytes
 
+    if train_cfg.method == "lora":
+        return _lora_memory(cfg, model_cfg, train_cfg, mesh, seq_len)
     data, fsdp, tensor = mesh
     n, p, c = cfg.params_count(), _bytes(model_cfg.param_dtype), _bytes(model_cfg.dtype)
     shards = fsdp * tensor
@@ -218,16 +228,68 @@ def estimate_memory(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int
     )
 
 
-def executed_dot_flops(cfg: LlamaConfig, model_cfg, rows: int, seq_len: int, mesh: tuple[int, int, int]) -> float:
+def _lora_memory(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int, int], seq_len: int) -> MemoryEstimate:
+    """`estimate_memory` of a LoRA step: the base frozen in the compute dtype, the adapters trained.
+
+    A frozen weight gets no gradient and no moments, and being stored in the compute dtype needs no cast for its
+    matmuls; it is still gathered whole, one layer (and the head) at a time, for the forward and for the gradient
+    of the activations. Each layer keeps what the traced LoRA block keeps (`residuals.layer_residual_bytes`)."""
+    from .residuals import layer_residual_bytes, lora_adapters
+
+    data, fsdp, tensor = mesh
+    c = _bytes(model_cfg.dtype)
+    shards = fsdp * tensor
+    accum = train_cfg.grad_accum
+    rows = max(1, train_cfg.batch_size // accum // (data * fsdp))
+    tokens = rows * seq_len
+    lora = train_cfg.lora
+    adapters = lora_adapters(cfg, lora.rank, tuple(lora.targets))
+    a = adapters.count * 4  # fp32 adapters, replicated on every device
+
+    def kept(adapted, remat):  # (activations, adapter casts) per device of a layer with these adapted projections
+        saved, copies = layer_residual_bytes(cfg, model_cfg.dtype, remat, rows, seq_len, model_cfg.attention, (lora.rank, adapted))
+        return saved / tensor, copies
+
+    traced = [kept(adapted, model_cfg.remat) if adapted is not None else (0.0, 0.0) for adapted in adapters.layers]
+    backward = [(adapted, n) for adapted, n in zip(adapters.layers, adapters.layer_params) if adapted is not None]
+    per_layer = layer_params(cfg) / tensor
+    layer = 0.0
+    if backward:  # one layer's backward: its frozen weights gathered, its adapters' gradient, its activations again
+        recomputed = 0.0 if model_cfg.remat == "none" else max(kept(adapted, "none")[0] for adapted, _ in backward)
+        layer = per_layer * c + 4 * max(n for _, n in backward) + RECOMPUTED_SHARE * recomputed
+    head = cfg.vocab_size * cfg.hidden_size / tensor
+    logits = 4 * tokens * cfg.vocab_size / tensor  # one fp32 [tokens, V] array
+    return MemoryEstimate(
+        params=cfg.params_count() * c / shards + a,
+        optimizer=2 * a,
+        batch=4 * 4 * accum * rows * seq_len,
+        grads=(2 if accum > 1 else 1) * a,
+        activations=sum(saved + copies for saved, copies in traced),
+        logits=head * c + 2 * logits + 4 * adapters.other,  # no gradient of the head, bar an adapter's
+        layer=layer,
+    )
+
+
+def executed_dot_flops(cfg: LlamaConfig, model_cfg, rows: int, seq_len: int, mesh: tuple[int, int, int], train_cfg=None) -> float:
     """FLOPs of the matmuls a train step of `rows` x `seq_len` runs, over all devices: every position (padding too),
-    attention as computed (causal blocks for `xla`), and the forward matmuls that rematerialization runs again."""
+    attention as computed (causal blocks for `xla`), and the forward matmuls that rematerialization runs again.
+
+    With a LoRA `train_cfg` the frozen weights' gradients are never computed (4 FLOPs per weight per token, not
+    6), and each adapter costs 6 per parameter per token, plus its forward again under `remat: full`."""
     tokens = rows * seq_len
     per_layer_mm = layer_params(cfg) - 2 * cfg.hidden_size
     keys = attention_keys(seq_len, model_cfg.attention) or seq_len / 2  # cudnn: its causal kernel skips masked blocks
     attn_fwd = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_size * tokens * keys
-    total = 6.0 * matmul_params(cfg) * tokens + 3 * attn_fwd
+    lora = train_cfg is not None and train_cfg.method == "lora"
+    adapters = 0
+    if lora:
+        from .residuals import lora_adapters
+
+        adapters = lora_adapters(cfg, train_cfg.lora.rank, tuple(train_cfg.lora.targets)).count
+    total = (4.0 if lora else 6.0) * matmul_params(cfg) * tokens + 6.0 * adapters * tokens + 3 * attn_fwd
     if model_cfg.remat == "full":  # the forward again, but for down_proj, whose output the backward never reads
         total += 2.0 * cfg.num_layers * (per_layer_mm - cfg.hidden_size * cfg.intermediate_size) * tokens + attn_fwd
+        total += 2.0 * adapters * tokens
     elif model_cfg.remat == "dots_no_batch":
         total += attn_fwd
     return total
@@ -286,6 +348,9 @@ def fit_message(cfg: LlamaConfig, model_cfg, train_cfg, mesh: tuple[int, int, in
     fraction = allocator_fraction()[0]
     if fraction < 0.95 and est.total <= MARGIN * limit / fraction * 0.95:  # the same card, more of it for JAX
         tips.append(f"XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 in the environment ({MARGIN * limit / fraction * 0.95 / gib:.1f} GiB allowed)")
+    if train_cfg.method == "full" and model_cfg.init == "pretrained":  # last: another experiment, if often the one that fits
+        alt = estimate_memory(cfg, model_cfg, replace(train_cfg, method="lora"), mesh, seq_len).total
+        tips.append(f"train.method=lora ({alt / gib:.1f} GiB)")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in est.table().items() if k not in ("arguments", "temporaries", "total"))
     return (f"the run needs about {est.total / gib:.1f} GiB per device ({parts} GiB) but the check allows {budget / gib:.1f} GiB: "
             f"{MARGIN:.0%} of {limit / gib:.1f} GiB ({source}); try {' or '.join(tips) if tips else 'more devices'}, or set train.memory_check=warn to go on")

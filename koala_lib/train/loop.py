@@ -174,7 +174,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     train_step = make_train_step(layout.graphdef, layout.rest, layout.tx, layout.schedule, state_shardings, batch_sharding)
     eval_step = make_eval_step(layout.graphdef, layout.rest, weights(state_shardings), batch_sharding)
     peak, peak_source = peak_flops(jax.devices()[0], cfg.model.dtype, t.peak_tflops)
-    flops = flops_per_token(arch, data.seq_len)
+    flops = flops_per_token(arch, data.seq_len, layout.adapter_count)
     writer = open(metrics_path, "a", encoding="utf-8") if jax.process_index() == 0 else None
 
     def log(row: dict) -> None:
@@ -217,7 +217,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
             row = {"step": step + 1, "epoch": epoch, "loss": round(stats["loss"], 6), "accuracy": round(stats["accuracy"], 6),
                    "lr": stats["lr"], "grad_norm": round(stats["grad_norm"], 6), "targets": int(stats["targets"]),
                    "seconds": round(seconds, 4), "tokens_per_s": round(positions / seconds, 1),
-                   "mfu": round(useful_flops(arch, stats["tokens"], stats["attention_pairs"]) / seconds / (peak * jax.device_count()), 5), "memory_gb": round(memory_gb(), 3)}
+                   "mfu": round(useful_flops(arch, stats["tokens"], stats["attention_pairs"], layout.adapter_count) / seconds / (peak * jax.device_count()), 5), "memory_gb": round(memory_gb(), 3)}
             first_loss = row["loss"] if first_loss is None else first_loss
             last = row
             if (step + 1) % t.log_every == 0 or step + 1 == total:
@@ -250,7 +250,8 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
                "final_loss": last["loss"] if last else None, "final_eval_loss": None if eval_loss is None else round(float(eval_loss), 6),
                "seconds": round(seconds, 2), "compile_seconds": round(compile_s, 2),
                "mesh": list(shape), "devices": jax.device_count(), "processes": jax.process_count(),
-               "flops_per_token": flops, "peak_flops_per_device": peak, "peak_source": peak_source}
+               "flops_per_token": flops, "peak_flops_per_device": peak, "peak_source": peak_source,
+               "method": t.method, "trained_params": layout.adapter_count or arch.params_count()}
     if jax.process_index() == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"trained {name}: {total - start} steps in {seconds:.1f} s; loss {first_loss} -> {summary['final_loss']}, eval loss {eval_loss} -> {out_dir}")

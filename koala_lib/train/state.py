@@ -79,6 +79,11 @@ class StateLayout:
         return self.frozen is not None
 
     @property
+    def adapter_count(self) -> int | None:
+        """LoRA: the trained (adapter) parameters; None for full fine-tuning."""
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params)) if self.lora else None
+
+    @property
     def shardings(self) -> dict:
         return named(self.mesh, self.specs)
 
