@@ -126,7 +126,7 @@ def test_a_lora_step_changes_the_adapters_only_and_the_frozen_base_stays_in_the_
 
 # ----------------------------------------------------------------------------- runs in subprocesses (slow)
 
-SETTINGS = ["train.batch_size=8", "train.grad_accum=2", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
+SETTINGS = ["train.batch_size=16", "train.grad_accum=2", "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=0",
             "train.variants=[koala_all]", "train.learning_rate=1e-2"]
 
 
@@ -143,8 +143,8 @@ def lora_rows(tiny_base, tmp_path_factory) -> Path:
     return runs
 
 
-def _script(runs: Path, tiny_base: Path, sleep_after: int | None) -> str:
-    overrides = [f"runs_dir={runs}", f"figures_dir={runs}/fig", "model.init=pretrained", f"model.base={tiny_base}", "train.method=lora", *SETTINGS]
+def _script(runs: Path, tiny_base: Path, sleep_after: int | None, *extra: str) -> str:
+    overrides = [f"runs_dir={runs}", f"figures_dir={runs}/fig", "model.init=pretrained", f"model.base={tiny_base}", "train.method=lora", *SETTINGS, *extra]
     return textwrap.dedent(f"""
         import time
         from koala_lib import config
@@ -154,9 +154,10 @@ def _script(runs: Path, tiny_base: Path, sleep_after: int | None) -> str:
     """)
 
 
-def _run(runs: Path, tiny_base: Path, sleep_after: int | None = None, background: bool = False):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "KOALA_HOME": str(ROOT), "XLA_FLAGS": ""}
-    args = [sys.executable, "-c", _script(runs, tiny_base, sleep_after)]
+def _run(runs: Path, tiny_base: Path, sleep_after: int | None = None, background: bool = False, devices: int = 1, *overrides: str):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "KOALA_HOME": str(ROOT),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
+    args = [sys.executable, "-c", _script(runs, tiny_base, sleep_after, *overrides)]
     if background:
         return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
@@ -171,14 +172,23 @@ def _outputs(runs: Path) -> tuple[list[float], dict, dict]:
     return losses, load_file(out / "hf" / "model.safetensors"), load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.slow
-def test_a_lora_run_killed_mid_way_resumes_to_the_adapters_of_an_uninterrupted_run(tiny_base, lora_rows, tmp_path):
+@pytest.fixture(scope="module")
+def whole(tiny_base, lora_rows, tmp_path_factory) -> Path:
+    """An uninterrupted LoRA run on one device."""
     import shutil
 
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    for runs in (whole, cut):
-        shutil.copytree(lora_rows, runs)
-    _run(whole, tiny_base)
+    runs = tmp_path_factory.mktemp("whole") / "runs"
+    shutil.copytree(lora_rows, runs)
+    _run(runs, tiny_base)
+    return runs
+
+
+@pytest.mark.slow
+def test_a_lora_run_killed_mid_way_resumes_to_the_adapters_of_an_uninterrupted_run(tiny_base, lora_rows, whole, tmp_path):
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(lora_rows, cut)
     proc = _run(cut, tiny_base, sleep_after=2, background=True)
     done = cut / "smoke" / "train" / "koala_all" / "checkpoints" / "2" / "commit_success.txt"
     deadline = time.time() + 300
@@ -198,6 +208,21 @@ def test_a_lora_run_killed_mid_way_resumes_to_the_adapters_of_an_uninterrupted_r
     assert merged.keys() == ref_merged.keys() and all(np.array_equal(merged[n], ref_merged[n]) for n in merged)
     assert adapter.keys() == ref_adapter.keys() and all(np.array_equal(adapter[n], ref_adapter[n]) for n in adapter)
     assert any(not np.array_equal(ref_adapter[n], 0) for n in ref_adapter if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_eight_devices_gives_the_losses_and_adapters_of_one(tiny_base, lora_rows, whole, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(lora_rows, runs)
+    _run(runs, tiny_base, None, False, 8, "train.mesh=1,8,1")
+    (losses, merged, adapter), (ref_losses, ref_merged, ref_adapter) = _outputs(runs), _outputs(whole)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    for name in ref_adapter:
+        np.testing.assert_allclose(adapter[name], ref_adapter[name], atol=2e-5, err_msg=name)
+    for name in ref_merged:
+        np.testing.assert_allclose(merged[name], ref_merged[name], atol=2e-5, err_msg=name)
 
 
 @pytest.mark.slow
