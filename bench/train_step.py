@@ -62,7 +62,13 @@ def kit_step(folder: Path, batch: dict, remat: str, scan: bool = True):
     replicated = NamedSharding(mesh, P())
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.key_data(jax.random.key(0))}
     shardings = jax.tree.map(lambda _: replicated, state)
-    step = make_train_step(graphdef, rest, tx, schedule, shardings, replicated)
+    return compiled_runner(make_train_step(graphdef, rest, tx, schedule, shardings, replicated), state, batch)
+
+
+def compiled_runner(step, state: dict, batch: dict):
+    """(a call running one step and returning its loss, compile seconds): `step` compiled for the batch first."""
+    import jax.numpy as jnp
+
     device_batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
     start = time.perf_counter()
     step = step.lower(state, device_batch).compile()
@@ -79,7 +85,6 @@ def kit_step(folder: Path, batch: dict, remat: str, scan: bool = True):
 def kit_lora_step(folder: Path, batch: dict, remat: str, rank: int):
     """The LoRA train step as `fit` builds it (scanned layers, adapters on every projection), on one device."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -96,17 +101,7 @@ def kit_lora_step(folder: Path, batch: dict, remat: str, rank: int):
     layout = StateLayout.build(cfg, model.cfg, mesh, total_steps=1000)
     state = layout.init(nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1]), seed=0)
     replicated = NamedSharding(mesh, P())
-    step = make_train_step(layout.graphdef, layout.rest, layout.tx, layout.schedule, layout.shardings, replicated)
-    device_batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
-    start = time.perf_counter()
-    step = step.lower(state, device_batch).compile()
-    compile_s = time.perf_counter() - start
-    holder = {"state": state}
-
-    def run():
-        holder["state"], stats = step(holder["state"], device_batch)
-        return float(stats["loss"])
-
+    run, compile_s = compiled_runner(make_train_step(layout.graphdef, layout.rest, layout.tx, layout.schedule, layout.shardings, replicated), state, batch)
     return run, compile_s, layout.adapter_count
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a config whose runs go to a temporary folder, and the real upstream files when present."""
+"""Shared fixtures: a config whose runs go to a temporary folder, the real upstream files when present, models,
+servers and a browser, and a way to kill a run as a crash would."""
 
 from __future__ import annotations
 
@@ -101,3 +102,22 @@ def chromium():
     finally:
         browser.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def kill_when_written():
+    """kill(proc, path): wait (up to 300 s) until `path` exists, then SIGKILL the process, as a crash would."""
+    import os
+    import signal
+    import time
+
+    def kill(proc, path: Path) -> None:
+        deadline = time.time() + 300
+        while not path.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert path.exists(), proc.communicate()[0][-3000:] if proc.poll() is not None else f"{path} not written in time"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+
+    return kill

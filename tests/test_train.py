@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -238,7 +236,7 @@ def test_meshes_give_the_losses_and_params_of_one_device(one_device, eight_devic
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_way_resumes_to_the_params_of_an_uninterrupted_run(one_device, smoke_rows, tmp_path):
+def test_a_run_killed_mid_way_resumes_to_the_params_of_an_uninterrupted_run(one_device, smoke_rows, tmp_path, kill_when_written):
     runs = _runs(smoke_rows, tmp_path)
     script = textwrap.dedent(f"""
         import time
@@ -249,13 +247,8 @@ def test_a_run_killed_mid_way_resumes_to_the_params_of_an_uninterrupted_run(one_
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done = runs / "smoke" / "train" / "koala_all" / "checkpoints" / "2" / "commit_success.txt"
-    deadline = time.time() + 300
-    while not done.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert done.exists(), proc.communicate()[0][-3000:] if proc.poll() is not None else "no checkpoint in time"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (runs / "smoke" / "train" / "koala_all" / "hf").exists()
+    kill_when_written(proc, done)
+    assert not (runs / "smoke" / "train" / "koala_all" / "hf").exists()
     _train(runs, 1)
     summary = json.loads((runs / "smoke" / "train" / "koala_all" / "summary.json").read_text())
     assert summary["resumed_from"] == 2

@@ -96,12 +96,17 @@ def budget_table(cfg: Config):
     shape = mesh_shape(cfg.train.mesh, jax.device_count())
     est = estimate_memory(arch, cfg.model, cfg.train, shape, cfg.conditioning.seq_len).table()
     limit, source = device_memory(cfg.train.device_memory_gb)
+    adapters = None
+    if cfg.train.method == "lora":
+        from .residuals import lora_adapters
+
+        adapters = lora_adapters(arch, cfg.train.lora.rank, tuple(cfg.train.lora.targets)).count
     rows = {
-        "parameters": f"{arch.params_count():,}",
+        "parameters": f"{arch.params_count():,}" + ("" if adapters is None else f" ({adapters:,} trained: LoRA adapters)"),
         "mesh (data, fsdp, tensor)": str(shape),
         **{f"{k} (GiB per device)": v for k, v in est.items()},
         "device memory (GiB)": f"{limit / 2**30:.1f} ({source})",
-        "training GFLOP per token": f"{flops_per_token(arch, cfg.conditioning.seq_len) / 1e9:.3f}",
+        "training GFLOP per token": f"{flops_per_token(arch, cfg.conditioning.seq_len, adapters) / 1e9:.3f}",
         "remat": str(cfg.model.remat),
     }
     return pd.DataFrame({"value": rows})
@@ -121,18 +126,23 @@ def plan_table(cfg: Config):
         "peak (GiB per device)": (p.estimate["total"] / gib, p.xla["peak"] / gib),
         "matmul TFLOP per device per step": (p.kit_dot_flops / 1e12, p.xla_dot_flops / 1e12),
     }
+    if p.cpu_upcast:  # a LoRA run's frozen bf16 base, converted to fp32 by XLA's CPU compiler only (see `plan`)
+        rows["peak less the CPU-only fp32 copy of the frozen base (GiB per device)"] = (float("nan"), (p.xla["peak"] - p.cpu_upcast) / gib)
     table = pd.DataFrame(rows, index=["kit estimate", f"XLA ({p.mesh[0] * p.mesh[1] * p.mesh[2]} CPU devices)"]).T
     return table.round(4)
 
 
 def checkpoints_table(cfg: Config, variants: tuple[str, ...] | None = None):
-    """The orbax checkpoints and Hugging Face export each variant left (a DataFrame)."""
+    """The orbax checkpoints, Hugging Face export and (LoRA) PEFT adapter each variant left (a DataFrame)."""
     import pandas as pd
 
     rows = []
     for variant in variants or cfg.variants:
         folder = cfg.run_dir / "train" / variant_name(variant)
         steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir() if p.name.isdigit()) if (folder / "checkpoints").is_dir() else []
-        rows.append({"variant": variant_name(variant), "checkpoint steps": ", ".join(map(str, steps)),
-                     "hugging face export": "hf/" if (folder / "hf" / "config.json").is_file() else "-"})
+        row = {"variant": variant_name(variant), "checkpoint steps": ", ".join(map(str, steps)),
+               "hugging face export": "hf/" if (folder / "hf" / "config.json").is_file() else "-"}
+        if cfg.train.method == "lora":
+            row["PEFT adapter"] = "adapter/" if (folder / "adapter" / "adapter_config.json").is_file() else "-"
+        rows.append(row)
     return pd.DataFrame(rows).set_index("variant")
