@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 TARGETS = (r"self_attn/(q|k|v|o)_proj", r"mlp/(gate|up|down)_proj")  # every projection of every block
@@ -151,16 +152,16 @@ def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: Sequenc
 
 
 def merge_adapters(params: dict, adapters: dict, scale: float) -> dict:
-    """Base parameters (a pure dict) with every adapted kernel replaced by W + scale A B, computed in fp32 and
-    returned in W's dtype; works on unrolled and scanned ([L, ...]) layouts alike."""
+    """Base parameters (a pure dict) with every adapted kernel replaced by W + scale A B, computed in fp32 with numpy
+    (on the host: no device memory) and returned in W's dtype; unrolled and scanned ([L, ...]) layouts alike."""
     if not isinstance(adapters, dict):
         return params
     out = dict(params)
     for name, sub in adapters.items():
         if isinstance(sub, dict) and "lora_a" in sub:
-            kernel = params[name]["kernel"]
-            delta = jnp.matmul(jnp.asarray(sub["lora_a"], jnp.float32), jnp.asarray(sub["lora_b"], jnp.float32))
-            out[name] = {**params[name], "kernel": (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)}
+            kernel = np.asarray(params[name]["kernel"])
+            delta = np.matmul(np.asarray(sub["lora_a"], np.float32), np.asarray(sub["lora_b"], np.float32))
+            out[name] = {**params[name], "kernel": (kernel.astype(np.float32) + np.float32(scale) * delta).astype(kernel.dtype)}
         else:
             out[name] = merge_adapters(params[name], sub, scale)
     return out

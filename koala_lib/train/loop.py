@@ -259,12 +259,8 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
 
 
 def export(cfg: Config, model: Llama, base_folder: Path | None, out: Path) -> None:
-    """The fine-tuned params as a Hugging Face folder (written by process 0, gathered from every process)."""
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        model = nnx.merge(graphdef, multihost_utils.process_allgather(nnx.to_pure_dict(params), tiled=True), rest)
+    """The fine-tuned params (host arrays gathered from every process: `StateLayout.model`) as a Hugging Face folder,
+    written by process 0."""
     if jax.process_index() == 0:
         from koala_lib.conditioning.template import load_tokenizer
 
@@ -276,16 +272,13 @@ def export(cfg: Config, model: Llama, base_folder: Path | None, out: Path) -> No
 
 
 def export_adapter(cfg: Config, adapters: dict, num_layers: int, out: Path) -> None:
-    """A LoRA run's adapters alone, in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`)."""
-    from jax.experimental import multihost_utils
-
+    """A LoRA run's adapters alone (host arrays: `StateLayout.adapter`), in PEFT's layout (`adapter_config.json`,
+    `adapter_model.safetensors`), written by process 0."""
     from koala_lib.model.peft import save_adapter
 
-    if jax.process_count() > 1:
-        adapters = multihost_utils.process_allgather(adapters, tiled=True)
     if jax.process_index() == 0:
         lora = cfg.train.lora
         base = cfg.model.base
         if base == "default" or Path(base).expanduser().is_dir():  # a local folder: its absolute path, which PEFT can load
             base = str(resolve_checkpoint(base).resolve())
-        save_adapter(jax.device_get(adapters), out, rank=lora.rank, alpha=lora.alpha, base_model=base, num_layers=num_layers)
+        save_adapter(adapters, out, rank=lora.rank, alpha=lora.alpha, base_model=base, num_layers=num_layers)

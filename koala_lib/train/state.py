@@ -120,20 +120,36 @@ class StateLayout:
         return {k: v for k, v in state.items() if k != "frozen"}
 
     def unrolled(self, state: dict) -> dict:
-        """The model's parameters in the unrolled layout (what `save_hf` and the other stages read); for LoRA the
-        base with the adapters merged in (W + alpha / rank * A B, in the base's dtype)."""
-        params = state["params"]
+        """The model's parameters in the unrolled layout (what `save_hf` and the other stages read), as host arrays
+        gathered from every process; for LoRA the base with the adapters merged in (W + alpha / rank * A B, in the
+        base's dtype). On the host, so that a device that holds one copy of the weights need not hold a second."""
+        params = to_host(state["params"])
         if self.lora:
-            params = merge_adapters(state["frozen"], params, self.scale)
+            params = merge_adapters(to_host(state["frozen"]), params, self.scale)
         return unstack_layers(params) if self.scanned else params
 
     def adapter(self, state: dict) -> dict:
-        """LoRA: the trained adapters in the unrolled layout (what `koala_lib.model.peft.save_adapter` writes)."""
-        return unstack_layers(state["params"]) if self.scanned else state["params"]
+        """LoRA: the trained adapters in the unrolled layout, on the host (what `koala_lib.model.peft.save_adapter`
+        writes)."""
+        params = to_host(state["params"])
+        return unstack_layers(params) if self.scanned else params
 
     def model(self, state: dict):
         """The unrolled Llama holding the trained weights (for export)."""
         return nnx.merge(self.unrolled_graphdef, self.unrolled(state), self.rest)
+
+
+def to_host(tree):
+    """Every leaf as a host numpy array, gathered from every process when the array spans several (a collective:
+    every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(fetch, tree)
 
 
 def base_kwargs(cfg: Config) -> dict:
