@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from koala_lib.config import Config, check_variants
-from koala_lib.model.checkpoints import abstract_model, load_hf, model_kwargs, param_path, resolve_checkpoint, save_hf
+from koala_lib.model.checkpoints import abstract_model, load_hf, param_path, resolve_checkpoint, save_hf
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import LlamaConfig, from_hf_config, preset
 from koala_lib.model.sharding import LLAMA_RULES, make_mesh, match_rules, mesh_shape, path_str
