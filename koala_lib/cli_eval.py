@@ -4,6 +4,7 @@
     koala leakage --queries Q.jsonl --train runs/demo/data/curated --out leaks.json
     koala judge --profile demo                        # the LLM judge, both orders -> runs/demo/eval/judgments/llm.jsonl
     koala judge calibrate --profile demo              # its agreement with held-out human labels -> runs/demo/eval/calibration.json
+    koala judge card --profile demo                   # canaries, position, length, markdown, self -> runs/demo/eval/judge_card.json
     koala rate init --profile demo --raters alice,bob # a blind rating study; prints each rater's link
     koala rate serve --profile demo --port 8001
     koala rate export --profile demo                  # -> runs/demo/eval/judgments/raters.jsonl
@@ -48,6 +49,13 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from koala_lib.evaluation.stage import run_judge
 
+    if args.action == "card":
+        from koala_lib.evaluation.judge_card import card_path, measure_card
+
+        cfg = _cfg(args)
+        card = measure_card(cfg, progress=not args.quiet)
+        print(f"-> {card_path(cfg)}")
+        return 0 if card.fit else 3  # a script can stop before it believes an unfit judge
     if args.action == "calibrate":
         from koala_lib.evaluation.calibration import calibrate, calibration_path
 
@@ -163,8 +171,10 @@ def register(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     p.set_defaults(func=cmd_leakage)
 
     p = sub.add_parser("judge", help="stage 5: an LLM judge over an OpenAI-compatible endpoint (eval.judge), both orders per pair")
-    p.add_argument("action", nargs="?", choices=["calibrate"],
-                   help="calibrate: judge held-out human-labelled pairs (eval.calibration) and report the agreement")
+    p.add_argument("action", nargs="?", choices=["calibrate", "card"],
+                   help="calibrate: judge held-out human-labelled pairs (eval.calibration) and report the agreement; "
+                        "card: the judge's fitness (canaries, position, length, markdown, self-preference, the agreement "
+                        "when measured; exit status 3 when unfit), for the profile's judge or any --set eval.judge.base_url")
     common(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_judge)

@@ -192,12 +192,20 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class CardConfig:
+    min_canary_accuracy: float = doc(90.0, "a fit judge picks the better answer of at least this % of the canary pairs, in both orders")
+    min_position_consistency: float = doc(60.0, "a fit judge keeps its verdict under a swap of the answers in at least this % of pairs (MT-bench measured GPT-4 at 65)")
+    require_human_agreement: bool = doc(True, "a fit judge's agreement with held-out human labels has its 95 % interval above chance (50 %)")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     test_sets: TestSetsConfig = doc(TestSetsConfig, "the prompts every model answers")
     leakage_threshold: float = doc(20.0, "a test query whose sentence BLEU with a training user turn exceeds this is removed")
     comparisons: tuple[str, ...] = doc((), "pairs to judge as A:B (stage 4 model names); empty = the blog's: the first variant against alpaca, koala_distill and chatgpt, those of them that answered (against every other model when none did)")
     judge: JudgeConfig = doc(JudgeConfig, "the LLM judge (`koala judge`)")
     calibration: CalibrationConfig = doc(CalibrationConfig, "the judge's agreement with human labels (`koala judge calibrate`), on held-out pairs only")
+    card: CardConfig = doc(CardConfig, "the judge card (`koala judge card`): the thresholds a judge must meet to be called fit")
     bootstrap: int = doc(1000, "bootstrap replicates (resampling prompts) for every interval")
 
 

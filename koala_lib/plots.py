@@ -219,9 +219,10 @@ def win_tie_lose(panels: dict[str, list[dict]], title: str, fig: Figure | None =
 
 
 def blog_comparison(published: dict[str, list[dict]], ours: dict[str, list[dict]], published_title: str,
-                    ours_title: str, note: str = "") -> Figure:
+                    ours_title: str, note: str = "", stamp: str = "") -> Figure:
     """The blog's figure re-drawn from its numbers (top) and the kit's results in the same layout (bottom), with
-    an optional `note` under the bottom half (e.g. how many of the judge's ties were missing verdicts)."""
+    an optional `note` under the bottom half (e.g. how many of the judge's ties were missing verdicts) and a
+    `stamp` across each bottom panel (e.g. "JUDGE UNFIT": the bars are computed, but not to be believed)."""
     n = max(3, *(len(v) for v in (*published.values(), *ours.values())))
     fig = Figure(figsize=(11, 2 * (0.45 * n + 1.6)), layout="constrained")
     grid = fig.add_gridspec(2, 1)
@@ -230,4 +231,8 @@ def blog_comparison(published: dict[str, list[dict]], ours: dict[str, list[dict]
     win_tie_lose(ours, ours_title, bottom)
     if note:
         bottom.supxlabel(note, fontsize=8, color="#555555")
+    for ax in bottom.axes if stamp else ():
+        ax.text(0.5, 0.5, stamp, transform=ax.transAxes, ha="center", va="center", rotation=15, fontsize=20,
+                fontweight="bold", color="#b22222", alpha=0.45, zorder=10,
+                bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#b22222", "alpha": 0.6})
     return fig

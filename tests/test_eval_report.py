@@ -165,13 +165,16 @@ def test_soft_preferences_length_control_stand_ins_and_the_judge_line(make_cfg):
     assert row["lc_win_rate"] == pytest.approx(direct.lc_win_rate) and row["length_coef"] == pytest.approx(direct.length_coef)
     line = rep.judge_line()
     assert line == ("judge big (endpoint), verdicts read from logprobs; agrees with human labels 61.5 % [52.1-70.8] "
-                    "on 96 held-out pairs (chance 50 %)")
+                    "on 96 held-out pairs (chance 50 %)\njudge card not measured (koala judge card): fitness unknown")
     assert rep.table().attrs["judge"] == line
     assert set(rep.table()["vs"]) == {"chatgpt (stand-in: SmolLM2-135M-Instruct)"}
     labels = [t.get_text() for ax in rep.figure_ours.subfigs[1].axes for t in ax.get_yticklabels()]
     assert "vs chatgpt\n(stand-in: SmolLM2-135M-Instruct)" in labels
     assert line in rep.figure_ours.subfigs[1]._supxlabel.get_text()
     assert rep.metrics()["judge_human_agreement"] == 61.5
+    assert rep.metrics()["judge_card"]["fit"] is False and rep.metrics()["judge_unfit"] == "judge card not measured (koala judge card): fitness unknown"
+    stamps = [t.get_text() for ax in rep.figure_ours.subfigs[1].axes for t in ax.texts]
+    assert "JUDGE NOT CHECKED" in stamps
     assert json.loads((folder / "summary.json").read_text())["judge"]["line"] == line
     # the same judgments stored the other way round (model_a = chatgpt) give the same row for koala_all
     write_judgments(judgments_dir(cfg) / "llm.jsonl", [j.oriented("chatgpt", "koala_all") for j in llm])

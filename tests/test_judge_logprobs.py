@@ -10,7 +10,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from koala_lib.evaluation.judge import USER_LETTER_CUE, JudgeError, alpaca_eval_annotations, judge_pairs, soft_verdict, verdict_probs
+from koala_lib.evaluation.exports import annotation_row
+from koala_lib.evaluation.judge import USER_LETTER_CUE, JudgeError, judge_pairs, soft_verdict, verdict_probs
 from koala_lib.evaluation.judgments import PairItem
 from koala_lib.evaluation.pairwise import position_bias
 from koala_lib.inference.serve import serving
@@ -83,10 +84,11 @@ def test_a_judge_that_reads_quality_gives_a_soft_preference():
     assert [j.verdict for j in result.judgments] == ["A"] * 4
     assert [j.preference for j in result.judgments] == pytest.approx([0.75] * 4)  # 0.7 + 0.1 / 2 in both orders
     assert result.outcomes == Counter({"consistent": 4})
-    rows = alpaca_eval_annotations(_items(), result)  # AlpacaEval's layout: 1 = output_1 (model_a) better, 2 = output_2
-    assert [r["preference"] for r in rows] == pytest.approx([1.25] * 4)
-    assert rows[0] == {"instruction": "Question 0?", "output_1": "good answer 0", "generator_1": "m_good", "output_2": "bad answer 0",
-                       "generator_2": "m_bad", "annotator": "judge-x", "preference": 1.25, "dataset": "koala", "id": "k0"}
+    # AlpacaEval's layout: model_a is the model evaluated (output_2), preference 2 = output_2 better
+    rows = [annotation_row(item, j, result.judge) for item, j in zip(_items(), result.judgments)]
+    assert [r["preference"] for r in rows] == pytest.approx([1.75] * 4)
+    assert rows[0] == {"instruction": "Question 0?", "output_1": "bad answer 0", "generator_1": "m_bad", "output_2": "good answer 0",
+                       "generator_2": "m_good", "annotator": "judge-x", "preference": pytest.approx(1.75), "dataset": "koala", "id": "k0"}
 
 
 def test_a_judge_that_always_prefers_position_a_gives_ties():
@@ -107,7 +109,7 @@ def test_no_logprobs_auto_falls_back_to_text_and_logprobs_mode_stops():
     result = _judge(app, mode="auto")
     assert result.mode == "text" and "no logprobs" in result.mode_note
     assert [j.verdict for j in result.judgments] == ["A"] * 4 and all(j.preference is None for j in result.judgments)
-    assert [r["preference"] for r in alpaca_eval_annotations(_items(), result)] == [1.0] * 4  # hard verdicts: 1 / 1.5 / 2
+    assert [annotation_row(i, j, "x")["preference"] for i, j in zip(_items(), result.judgments)] == [2.0] * 4  # hard: 1 / 1.5 / 2
     assert seen[0]["max_tokens"] == 1 and all(b["max_tokens"] == 512 for b in seen[1:])  # one probe, then text
     app, _ = _endpoint(policy)
     with pytest.raises(JudgeError, match="eval.judge.mode"):

@@ -86,7 +86,7 @@ def test_bad_preference_names_its_index(bad):
 def test_bad_length_and_mismatched_sizes():
     with pytest.raises(ValueError, match=r"len_b\[1\]"):
         lc_win_rate([0.5, 1.0], [10, 20], [10, -5])
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(ValueError, match="differ in size"):
         lc_win_rate([0.5, 1.0], [10, 20, 30], [10, 5])
 
 
@@ -108,24 +108,11 @@ def test_separable_data_stays_finite():
     assert 99 < all_a.lc_win_rate < 100
 
 
-def test_instruction_term_only_when_identified():
-    len_a, len_b = lengths(n=200, seed=7)
-    p = biased_judge(len_a, len_b)
-    # one pair per instruction: offsets not identified, dropped, same answer as without ids
-    once = lc_win_rate(p, len_a, len_b, instruction=[f"q{i}" for i in range(200)])
-    assert not once.instruction_term
-    assert once.lc_win_rate == lc_win_rate(p, len_a, len_b).lc_win_rate
-    # three raters per prompt on the same two answers: length is constant within a prompt, still dropped
-    rep = lambda x: np.repeat(x, 3)  # noqa: E731
-    raters = lc_win_rate(rep(p), rep(len_a), rep(len_b), instruction=rep(np.arange(200)))
-    assert not raters.instruction_term
-    # two sampled answers per prompt (different lengths): identified, and the length bias is still removed
-    prompt = np.arange(200) // 2
-    shift = np.where(prompt % 2 == 0, 0.8, -0.8)[prompt]  # prompts differ: A is better on half of them
-    p2 = sigmoid(shift + 2.0 * np.tanh((len_a - len_b) / (len_a - len_b).std(ddof=1)))
-    both = lc_win_rate(p2, len_a, len_b, instruction=prompt)
-    assert both.instruction_term
-    assert abs(both.lc_win_rate - 50) < 5 and both.win_rate > 60
+def test_fewer_pairs_than_folds_say_so():
+    lc = lc_win_rate([1.0, 0.5, 0.0, 1.0], [300, 200, 100, 50], [100, 200, 300, 400])
+    assert math.isnan(lc.lc_win_rate) and "5-fold" in lc.note
+    assert lc.win_rate == 62.5
+    assert all(math.isnan(x) for x in lc_interval([1.0, 0.5, 0.0, 1.0], [300, 200, 100, 50], [100, 200, 300, 400], replicates=5))
 
 
 def test_bootstrap_interval_contains_estimate_and_is_seeded():
@@ -133,11 +120,12 @@ def test_bootstrap_interval_contains_estimate_and_is_seeded():
     nearly all longer: tanh(d / sd) is close to 1 for most pairs and hard to tell from the model term."""
     len_a, len_b = lengths(n=300, seed=8)
     p = (np.random.default_rng(9).random(300) < biased_judge(len_a, len_b, theta=0.3)).astype(float)
-    point = lc_win_rate(p, len_a, len_b).lc_win_rate
-    low, high = lc_interval(p, len_a, len_b, replicates=200, seed=0)
+    point = lc_win_rate(p, len_a, len_b)
+    low, high = lc_interval(p, len_a, len_b, C=point.C, replicates=200, seed=0)
+    point = point.lc_win_rate
     assert low < point < high
     assert 5 < high - low < 30
-    assert lc_interval(p, len_a, len_b, replicates=200, seed=0) == (low, high)
+    assert lc_interval(p, len_a, len_b, replicates=200, seed=0) == (low, high)  # C chosen inside: the same
     assert lc_interval(p, len_a, len_b, replicates=200, seed=1) != (low, high)
     # resampling prompts (three pairs each) instead of pairs
     groups = np.arange(300) // 3
@@ -145,3 +133,25 @@ def test_bootstrap_interval_contains_estimate_and_is_seeded():
     assert g_low < point < g_high
     with pytest.raises(ValueError, match="groups"):
         lc_interval(p, len_a, len_b, replicates=10, groups=groups[:10])
+
+
+@pytest.mark.parametrize("n, soft, seed", [(12, True, 0), (40, True, 1), (60, False, 2), (300, True, 3)])
+def test_equals_alpaca_evals_own_fit_on_the_length_only_design(n, soft, seed):
+    """AlpacaEval 0.6.6's `fit_LogisticRegressionCV`, called as `get_length_controlled_winrate` calls it, on the
+    design `np.tanh(std_delta_len) + not_gamed_baseline - 1` built from the same pairs (model A as generator_2)."""
+    pd = pytest.importorskip("pandas")
+    glm = pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+    len_a, len_b = lengths(n=n, a_mean=900, b_mean=700, seed=seed)
+    p = biased_judge(len_a, len_b, theta=0.3, beta=1.0)
+    if not soft:
+        p = (np.random.default_rng(seed).random(n) < p).astype(float)
+    delta = len_b - len_a  # len(output_1) - len(output_2)
+    frame = pd.DataFrame({"np.tanh(std_delta_len)": np.tanh(delta / delta.std(ddof=1)),
+                          "not_gamed_baseline.astype(float)": 1.0, "preference": p})
+    model = glm.fit_LogisticRegressionCV(frame, "preference", is_ytrue_proba=True, n_splits=5)
+    at_zero = frame.drop(columns=["preference"]).assign(**{"np.tanh(std_delta_len)": 0.0})
+    theirs = 100 * model.predict_proba(at_zero)[:, 1].mean()
+    ours = lc_win_rate(p, len_a, len_b)
+    assert ours.lc_win_rate == pytest.approx(theirs, abs=0.1)
+    assert ours.C == float(np.ravel(model.C_)[0])
+    assert ours.length_coef == pytest.approx(-model.coef_[0][0], abs=1e-3)

@@ -83,9 +83,17 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
         assert f"agrees with human labels {calibration['agreement']:.1f} %" in summary["judge"]["line"]
     else:  # the random model rarely puts a letter among its top tokens
         assert summary["judge"]["line"].endswith(f"no verdict on any of {calibration['pairs']} human-labelled pairs")
-    assert len((tmp_path / "smoke" / "eval" / "fastchat_pair.jsonl").read_text().splitlines()) == judged["pairs"]
-    annotations = json.loads((tmp_path / "smoke" / "eval" / "alpaca_eval_annotations.json").read_text())
+    evald = tmp_path / "smoke" / "eval"
+    assert sum(len(p.read_text().splitlines()) for p in (evald / "fastchat").rglob("*.jsonl")) == judged["pairs"]
+    annotations = [a for p in (evald / "alpaca_eval").rglob("annotations.json") for a in json.loads(p.read_text())]
     assert len(annotations) == judged["judgments"] and all(1.0 <= a["preference"] <= 2.0 for a in annotations)
+    assert all(r["alpaca_eval_file"].startswith("eval/alpaca_eval/") for r in summary["comparisons"] if r["test_set"] != "all")
+    # the judge card: measured on the canaries before the report; the random smoke judge is unfit, and says why
+    card = json.loads((evald / "judge_card.json").read_text())
+    assert card["canaries"] >= 40 and card["fit"] is False and card["reasons"]
+    assert evaluated["judge_card"]["fit"] is False and evaluated["judge_unfit"] == "; ".join(card["reasons"])
+    assert evaluated["judge_calls"] == judged["calls"] + calibration["calls"] + card["calls"] >= 2 * card["canaries"]
+    assert evaluated["judge_cache_hits"] == 0
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
 
 

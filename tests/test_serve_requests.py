@@ -57,13 +57,18 @@ def test_odd_seeds_and_penalties_in_one_batch_all_answered_and_bad_fields_named(
     app = make_app(tiny_generator, max_batch=4)
     batcher = app.state.batcher
     ok = {"model": "koala-debug", "messages": HELLO, "max_tokens": 6, "temperature": 0.7}
-    bodies = [{**ok, "seed": -1}, {**ok, "seed": 2**40}, {**ok, "seed": 7, "frequency_penalty": 1.0}, {**ok, "presence_penalty": -0.5, "top_p": None, "n": None}]
+    bodies = [{**ok, "seed": -1}, {**ok, "seed": 2**40}, {**ok, "seed": 7, "frequency_penalty": 1.0},
+              {**ok, "presence_penalty": -0.5, "top_p": None, "n": None, "user": "u1", "metadata": {"k": "v"}, "store": False,
+               "service_tier": "auto", "logit_bias": None, "tools": None}]  # fields that change nothing here, and nulls: accepted
     bad = [({**ok, "seed": 2**64}, "seed"), ({**ok, "seed": -(2**63) - 1}, "seed"), ({**ok, "seed": 1.5}, "seed"),
            ({**ok, "stop": ["a", "b", "c", "d", "e"]}, "stop"), ({**ok, "stop": "x" * 257}, "stop"),
            ({**ok, "temperature": 2.5}, "temperature"), ({**ok, "top_p": 1.5}, "top_p"), ({**ok, "max_tokens": 0}, "max_tokens"),
            ({**ok, "max_completion_tokens": -3}, "max_completion_tokens"), ({**ok, "n": 3}, "n"),
            ({**ok, "frequency_penalty": 2.5}, "frequency_penalty"), ({**ok, "presence_penalty": -3}, "presence_penalty"),
-           ({**ok, "top_logprobs": 3}, "top_logprobs")]
+           ({**ok, "top_logprobs": 3}, "top_logprobs"), ({**ok, "logit_bias": {"50256": -100}}, "logit_bias"),
+           ({**ok, "response_format": {"type": "json_object"}}, "response_format"),
+           ({**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({**ok, "tool_choice": "auto"}, "tool_choice"),
+           ({**ok, "functions": [{"name": "f"}]}, "functions"), ({**ok, "function_call": "auto"}, "function_call")]
     with serving(app) as url:
         before = health(url)
         pool = ThreadPoolExecutor(4)

@@ -131,6 +131,7 @@ class JudgeResult:
     fastchat_rows: list[dict] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)  # consistent | inconsistent | no_verdict
     errors: Counter = field(default_factory=Counter)  # failed requests, by exception type
+    calls: int = 0  # requests sent to the endpoint
     seconds: float = 0.0
 
 
@@ -180,11 +181,14 @@ def _ask(client, model: str, mode: str, messages: list[dict], max_tokens: int, t
 _FASTCHAT_WINNER = {"A": "model_1", "B": "model_2", "tie": "tie", None: "error"}
 
 
-def _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency, progress, desc) -> tuple[str, str, list[Game]]:
-    """(mode used, note, one Game per game); `auto` decides on the first answered game."""
+def _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency, progress, desc) -> tuple[str, str, list[Game], int]:
+    """(mode used, note, one Game per game, requests sent); `auto` decides on the first answered game."""
     from koala_lib.progress import bar
 
+    sent = []
+
     def play(game, how):
+        sent.append(1)  # list.append is atomic: the pool's threads count without a lock
         item, order, question, a, b = game
         first, second = (a, b) if order == 1 else (b, a)
         return _ask(client, model, how, _messages(how, question, first, second), max_tokens, top_logprobs)
@@ -214,7 +218,7 @@ def _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency,
             for i, result in zip(rest, pool.map(lambda i: play(games[i], mode), rest)):
                 played[i] = result
                 shown.update(1)
-    return mode, note, [played[i] for i in range(len(games))]
+    return mode, note, [played[i] for i in range(len(games))], len(sent)
 
 
 def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int = 512, concurrency: int = 8,
@@ -228,8 +232,8 @@ def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int =
     start = time.perf_counter()
     games = [(item, order, cut(item.prompt, max_chars), cut(item.answer_a, max_chars), cut(item.answer_b, max_chars))
              for item in items for order in (1, 2)]
-    used, note, replies = _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency, progress, f"judge {name}")
-    result = JudgeResult(judge=name, mode=used, mode_note=note)
+    used, note, replies, calls = _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency, progress, f"judge {name}")
+    result = JudgeResult(judge=name, mode=used, mode_note=note, calls=calls)
     for i, item in enumerate(items):
         g1, g2 = replies[2 * i], replies[2 * i + 1]
         for g in (g1, g2):
@@ -264,24 +268,6 @@ def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int =
         })
     result.seconds = time.perf_counter() - start
     return result
-
-
-def alpaca_eval_annotations(items: Sequence[PairItem], result: JudgeResult) -> list[dict]:
-    """The judged pairs in AlpacaEval's annotations layout: `output_1` is model_a's answer, and `preference` is in
-    [1, 2] (1: output_1 better, 2: output_2 better, 1.5 even): 2 minus the soft preference for model_a where the
-    judge read probabilities, else 1 / 1.5 / 2 from the verdict. Pairs without a verdict are left out."""
-    by_key = {(j.test_set, j.prompt_id, j.model_a, j.model_b): j for j in result.judgments}
-    hard = {"A": 1.0, "tie": 1.5, "B": 2.0}
-    rows = []
-    for item in items:
-        j = by_key.get((item.test_set, item.prompt_id, item.model_a, item.model_b))
-        if j is None:
-            continue
-        rows.append({"instruction": item.prompt, "output_1": item.answer_a, "generator_1": item.model_a,
-                     "output_2": item.answer_b, "generator_2": item.model_b, "annotator": result.judge,
-                     "preference": round(2.0 - j.preference, 6) if j.preference is not None else hard[j.verdict],
-                     "dataset": item.test_set, "id": item.prompt_id})
-    return rows
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
     s = compare(judgments, "koala_all", "koala_distill", seed=0)   # one comparison
     s.better, s.tie, s.worse          # percent of judgments, from model_a's side
-    s.win_rate, s.win_rate_ci         # ties count half; 95 % interval from a prompt bootstrap
+    s.win_rate, s.win_rate_ci         # hard verdicts, ties count half; 95 % interval from a prompt bootstrap
+    s.soft_win_rate                   # the mean soft preference (AlpacaEval's `win_rate`), hard verdicts as 1/0.5/0
     s.sign_p                          # two-sided sign test on the decisive verdicts
     agreement(judgments)              # Fleiss' kappa and pairwise agreement between judges of the same item
     position_bias(judgments)          # how often the answer shown first wins
@@ -37,8 +38,10 @@ class Comparison:
     better: float  # % of judgments where model_a was better
     tie: float
     worse: float
-    win_rate: float  # % with ties as half
+    win_rate: float  # % of hard verdicts with ties as half
     win_rate_ci: tuple[float, float]
+    soft_win_rate: float  # % mean soft preference for model_a (a hard verdict counts 1 / 0.5 / 0)
+    soft_win_rate_ci: tuple[float, float]
     better_ci: tuple[float, float]
     worse_ci: tuple[float, float]
     wins: int
@@ -62,6 +65,11 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def soft(j: Judgment) -> float:
+    """A judgment's preference for model_a: the judge's soft one where it gave one, else 1 / 0.5 / 0."""
+    return j.preference if j.preference is not None else SCORE[j.verdict]
+
+
 def _by_prompt(judgments: Sequence[Judgment]) -> list[list[Judgment]]:
     groups: dict[tuple[str, str], list[Judgment]] = defaultdict(list)
     for j in judgments:
@@ -81,17 +89,19 @@ def compare(judgments: Sequence[Judgment], model_a: str, model_b: str, test_set:
     n = len(chosen)
     groups = _by_prompt(chosen)
     # per prompt: [#A, #tie, #B]; a replicate is a weighted sum of these rows
-    table = np.array([[sum(j.verdict == v for j in g) for v in ("A", "tie", "B")] for g in groups], dtype=np.float64)
+    table = np.array([[sum(j.verdict == v for j in g) for v in ("A", "tie", "B")] + [sum(map(soft, g))] for g in groups],
+                     dtype=np.float64)  # [prompts, 4]: #A, #tie, #B, summed soft preference
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(groups), size=(n_boot, len(groups)))
     weights = np.stack([np.bincount(p, minlength=len(groups)) for p in picks]).astype(np.float64)
-    sums = weights @ table  # [n_boot, 3]
-    totals = sums.sum(axis=1)
+    sums = weights @ table  # [n_boot, 4]
+    totals = sums[:, :3].sum(axis=1)
     better = 100 * sums[:, 0] / totals
     worse = 100 * sums[:, 2] / totals
     win = 100 * (sums[:, 0] + 0.5 * sums[:, 1]) / totals
+    soft_win = 100 * sums[:, 3] / totals
 
     def ci(values: np.ndarray) -> tuple[float, float]:
         lo, hi = np.percentile(values, [2.5, 97.5])
@@ -101,6 +111,7 @@ def compare(judgments: Sequence[Judgment], model_a: str, model_b: str, test_set:
         model_a, model_b, test_set or "all", n, len(groups),
         better=100 * counts["A"] / n, tie=100 * counts["tie"] / n, worse=100 * counts["B"] / n,
         win_rate=100 * (counts["A"] + 0.5 * counts["tie"]) / n, win_rate_ci=ci(win),
+        soft_win_rate=100 * float(table[:, 3].sum()) / n, soft_win_rate_ci=ci(soft_win),
         better_ci=ci(better), worse_ci=ci(worse),
         wins=counts["A"], losses=counts["B"], sign_p=sign_test(counts["A"], counts["B"]),
     )

@@ -1,7 +1,7 @@
 """The stage 5 report: every comparison with its intervals and length-controlled win rate, judges' agreement
 and position bias, Bradley-Terry ratings, and the blog's figure next to this run's. Every judged table and
-figure carries the judge's line: which judge, how it read its verdicts, and how often it agrees with human
-labels (`koala judge calibrate`).
+figure carries the judge's line: which judge, how it read its verdicts, how often it agrees with human labels
+(`koala judge calibrate`), and its card's verdict (`koala judge card`): an unfit judge's bars are stamped.
 
     report = build_report(cfg)     # runs/<P>/eval/summary.json, figures, runs/<P>/eval/metrics.json
     report.table(); report.ratings_table(); report.figure_ours; report.figure_blog
@@ -16,9 +16,12 @@ from pathlib import Path
 from koala_lib.config import Config
 from koala_lib.evaluation.calibration import read_calibration
 from koala_lib.evaluation.judge import WEAK_JUDGE_NOTE
+from koala_lib.evaluation.exports import alpaca_eval_folder
+from koala_lib.evaluation.judge_card import read_card
 from koala_lib.evaluation.judgments import read_judgments
+from koala_lib.evaluation.length_control import NAME as LC_NAME
 from koala_lib.evaluation.length_control import lc_interval, lc_win_rate
-from koala_lib.evaluation.pairwise import SCORE, agreement, bradley_terry, compare, position_bias
+from koala_lib.evaluation.pairwise import agreement, bradley_terry, compare, position_bias, soft
 from koala_lib.evaluation.published import BLOG
 from koala_lib.evaluation.stage import all_judgments, eval_dir, load_answers
 from koala_lib.files import atomic_text
@@ -55,6 +58,7 @@ class EvalReport:
     judge: dict  # eval/judge.json, or {} when no LLM judge ran
     leakage: dict
     calibration: dict | None = None  # eval/calibration.json, or None before `koala judge calibrate`
+    card: dict | None = None  # eval/judge_card.json, or None before `koala judge card`
     models: dict = field(default_factory=dict)  # generations/models.json: what each model is
     comparisons: list[dict] = field(default_factory=list)  # one row per source x pair x test set (and "all")
     agreement: dict = field(default_factory=dict)  # source -> Agreement fields
@@ -65,24 +69,44 @@ class EvalReport:
     figure_ours: object = None
 
     def table(self):
-        """Comparisons as a DataFrame: better / tie / worse %, win rate with its 95 % interval, sign-test p."""
+        """Comparisons as a DataFrame: hard-verdict shares (better / tie / worse %), the hard, soft and LC win rates,
+        each with its 95 % interval, the sign-test p, and the AlpacaEval annotations file of each LLM row."""
         import pandas as pd
 
+        span = lambda c: f"{c[0]:.1f}-{c[1]:.1f}" if c and c[0] is not None and c[0] == c[0] else ""
         rows = [{"source": r["source"], "test set": r["test_set"], "model": r["model_a"], "vs": model_label(r["model_b"], self.models),
-                 "n": r["n"], "better %": round(r["better"], 1), "tie %": round(r["tie"], 1), "worse %": round(r["worse"], 1),
-                 "win rate %": round(r["win_rate"], 1),
-                 "95% CI": f"{r['win_rate_ci'][0]:.1f}-{r['win_rate_ci'][1]:.1f}",
-                 "LC win rate %": round(r["lc_win_rate"], 1) if r.get("lc_win_rate") is not None else None,
-                 "LC 95% CI": f"{r['lc_ci'][0]:.1f}-{r['lc_ci'][1]:.1f}" if r.get("lc_ci") else "", "sign p": round(r["sign_p"], 4)}
+                 "n": r["n"], "better %": round(r["better"], 1), "better CI": span(r["better_ci"]), "tie %": round(r["tie"], 1),
+                 "worse %": round(r["worse"], 1), "worse CI": span(r["worse_ci"]),
+                 "hard win rate %": round(r["win_rate"], 1), "hard CI": span(r["win_rate_ci"]),
+                 "soft win rate %": round(r["soft_win_rate"], 1), "soft CI": span(r["soft_win_rate_ci"]),
+                 "LC win rate, length term only %": round(r["lc_win_rate"], 1) if r.get("lc_win_rate") == r.get("lc_win_rate") and r.get("lc_win_rate") is not None else None,
+                 "LC CI": span(r.get("lc_ci")), "sign p": round(r["sign_p"], 4), "AlpacaEval file": r.get("alpaca_eval_file", "")}
                 for r in self.comparisons]
         frame = pd.DataFrame(rows)
         frame.attrs["judge"] = self.judge_line()  # the line every judged table carries (shown under it in notebooks)
+        frame.attrs["notes"] = self.table_notes()
         return frame
+
+    def table_notes(self) -> str:
+        margin = self.cfg.eval.judge.tie_margin
+        return (f"better / tie / worse and the hard win rate count hard verdicts (a soft preference within {margin:g} of 0.5 "
+                f"is a tie; AlpacaEval's discrete_win_rate has no such margin); the soft win rate is the mean preference, "
+                f"AlpacaEval's win_rate on the row's file; {LC_NAME}: AlpacaEval's GLM fit with its model and "
+                f"tanh(standardised length difference) terms only (no instruction difficulty), predicted at equal length")
 
     def judge_line(self) -> str:
         """Which judge, how it read its verdicts, and how often it agrees with human labels."""
         if not self.judge:
             return "no LLM judge ran"
+        return self._agreement_line() + "\n" + self.card_line()
+
+    def card_line(self) -> str:
+        """The judge card's verdict: `judge fit`, `judge unfit: <reasons>`, or that no card was measured."""
+        if not self.card:
+            return "judge card not measured (koala judge card): fitness unknown"
+        return "judge fit" if self.card["fit"] else "judge unfit: " + "; ".join(self.card["reasons"])
+
+    def _agreement_line(self) -> str:
         weak = ", a weak judge" if self.judge.get("weak") else ""
         head = f"judge {self.judge.get('judge', '?')}{weak}, verdicts read from {self.judge.get('mode', 'text')}"
         if not self.calibration:
@@ -109,7 +133,7 @@ class EvalReport:
         return {
             "profile": self.cfg.profile,
             "judge": {**self.judge, **({"note": WEAK_JUDGE_NOTE} if self.judge.get("weak") else {}), "line": self.judge_line()},
-            "calibration": self.calibration, "models": self.models,
+            "calibration": self.calibration, "judge_card": self.card, "models": self.models,
             "leakage": {k: self.leakage.get(k) for k in ("threshold",)} | {
                 "removed": [r["id"] for r in self.leakage.get("removed", [])], "kept": len(self.leakage.get("kept", []))},
             "comparisons": self.comparisons, "agreement": self.agreement, "position_bias": self.position_bias,
@@ -127,6 +151,15 @@ class EvalReport:
         if self.calibration and self.calibration.get("judged"):
             out["judge_human_agreement"] = round(self.calibration["agreement"], 3)
             out["judge_calibration_pairs"] = self.calibration["judged"]
+        if self.judge:
+            c = self.card or {}
+            out["judge_card"] = {"fit": bool(c.get("fit")), "reasons": c.get("reasons", ["judge card not measured"]),
+                                 **{k: c.get(k) for k in ("position_consistency", "canary_accuracy", "length_coef", "human_agreement")}}
+            if not c.get("fit"):
+                out["judge_unfit"] = self.card_line().removeprefix("judge unfit: ")
+            calls = [self.judge, self.calibration or {}, c]
+            out["judge_calls"] = sum(int(x.get("calls", 0)) for x in calls)
+            out["judge_cache_hits"] = sum(int(x.get("cache_hits", 0)) for x in calls)
         return out
 
 
@@ -145,21 +178,22 @@ def _orientation(cfg: Config, pair: frozenset, judgments: list) -> tuple[str, st
 
 
 def length_controlled(judgments: list, a: str, b: str, test_set: str | None, lengths: dict, n_boot: int, seed: int) -> dict:
-    """AlpacaEval 2.0's length-controlled win rate of `a` over `b` (soft preferences where the judge gave them),
-    with a prompt-bootstrap interval; {} when the answers' lengths are unknown."""
+    """The LC win rate, length term only, of `a` over `b` (soft preferences where the judge gave them), with a
+    prompt-bootstrap interval; {"lc_missing": n} when the answers' lengths are unknown."""
     every = [j.oriented(a, b) for j in judgments if {j.model_a, j.model_b} == {a, b} and test_set in (None, j.test_set)]
     known = lambda j: (a, j.test_set, j.prompt_id) in lengths and (b, j.test_set, j.prompt_id) in lengths
     chosen = [j for j in every if known(j)]  # a judgment of answers stage 4 no longer holds has no lengths: counted
     keys = [((a, j.test_set, j.prompt_id), (b, j.test_set, j.prompt_id)) for j in chosen]
     if not chosen:
         return {"lc_missing": len(every)}
-    pref = [j.preference if j.preference is not None else SCORE[j.verdict] for j in chosen]
+    pref = [soft(j) for j in chosen]
     len_a, len_b = [lengths[ka] for ka, _ in keys], [lengths[kb] for _, kb in keys]
     groups = [f"{j.test_set}/{j.prompt_id}" for j in chosen]
     lc = lc_win_rate(pref, len_a, len_b)
-    low, high = lc_interval(pref, len_a, len_b, replicates=n_boot, seed=seed, groups=groups)
-    return {"lc_win_rate": lc.lc_win_rate, "lc_ci": (low, high), "length_coef": lc.length_coef,
-            "soft_win_rate": lc.win_rate, "lc_missing": len(every) - len(chosen)}
+    nan = lambda v: None if v != v else v  # summary.json is plain JSON
+    low, high = lc_interval(pref, len_a, len_b, C=lc.C if lc.C == lc.C else None, replicates=n_boot, seed=seed, groups=groups)
+    return {"lc_win_rate": nan(lc.lc_win_rate), "lc_ci": (nan(low), nan(high)), "length_coef": nan(lc.length_coef),
+            "lc_C": nan(lc.C), **({"lc_note": lc.note} if lc.note else {}), "lc_missing": len(every) - len(chosen)}
 
 
 def build_report(cfg: Config, save: bool = True) -> EvalReport:
@@ -174,7 +208,7 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     judgments = all_judgments(cfg)
     from koala_lib.inference.answers import read_models
 
-    report = EvalReport(cfg, judge, leakage, read_calibration(cfg), read_models(cfg))
+    report = EvalReport(cfg, judge, leakage, read_calibration(cfg), read_card(cfg), read_models(cfg))
     try:
         lengths = {(m, r["test_set"], r["id"]): len(r["output"]) for m, rows in load_answers(cfg).items() for r in rows}
     except FileNotFoundError:  # judgments imported without stage 4's answers: no length control
@@ -189,7 +223,9 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
             for test_set in [*sorted({j.test_set for j in mine if {j.model_a, j.model_b} == pair}), None]:
                 row = compare(mine, a, b, test_set, n_boot=n_boot, seed=seed).row()
                 lc = length_controlled(mine, a, b, test_set, lengths, min(n_boot, 200), seed)
-                report.comparisons.append({"source": source, **row, **lc})
+                exported = alpaca_eval_folder(folder, test_set or "all", a, b) / "annotations.json"
+                where = {"alpaca_eval_file": str(exported.relative_to(cfg.run_dir))} if source == "llm" and exported.is_file() else {}
+                report.comparisons.append({"source": source, **row, **lc, **where})
         report.agreement[source] = vars(agreement(mine)) if source != "llm" else None
         games_file = folder / "llm_games.jsonl"
         games = mine
@@ -211,7 +247,10 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     if outcomes:
         note += f"\n{sum(outcomes.values())} pairs judged in both orders: {outcomes.get('no_verdict', 0)} without a verdict (left out)"
     ours = {t: [] for t in BLOG.panels} | ours_panels([r for r in report.comparisons if r["source"] == source], report.models)
-    report.figure_ours = plots.blog_comparison(blog_panels(), ours, published_title, title, note)
+    stamp = ""
+    if source == "llm" and judge and not (report.card or {}).get("fit"):
+        stamp = "JUDGE UNFIT" if report.card else "JUDGE NOT CHECKED"
+    report.figure_ours = plots.blog_comparison(blog_panels(), ours, published_title, title, note, stamp=stamp)
     if save:
         figures = cfg.figures_path
         report.figures["blog_figure"] = plots.save(report.figure_blog, figures / "blog_figure.png")

@@ -12,6 +12,7 @@ its own; prompts the leakage filter removed are left out of everything.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,9 +112,10 @@ class Judged:
 
 def run_judge(cfg: Config, progress: bool = True) -> Judged:
     """Judge every item with `eval.judge` (or, when its base_url is empty, with the kit's own server running the
-    base model); writes `eval/judgments/llm.jsonl`, `eval/judge.json`, and the same judgments in FastChat's
-    (`eval/fastchat_pair.jsonl`) and AlpacaEval's (`eval/alpaca_eval_annotations.json`) layouts."""
-    from koala_lib.evaluation.judge import alpaca_eval_annotations, judge_endpoint, judge_with
+    base model); writes `eval/judgments/llm.jsonl`, `eval/judge.json`, and the same judgments in AlpacaEval's
+    and FastChat's layouts, one folder per comparison and test set (`evaluation/exports.py`)."""
+    from koala_lib.evaluation.exports import write_exports
+    from koala_lib.evaluation.judge import judge_endpoint, judge_with
 
     items = items_to_judge(cfg)
     with judge_endpoint(cfg) as endpoint:
@@ -121,14 +123,13 @@ def run_judge(cfg: Config, progress: bool = True) -> Judged:
     out = judgments_dir(cfg) / "llm.jsonl"
     write_judgments(out, result.judgments)
     write_judgments(eval_dir(cfg) / "llm_games.jsonl", result.games)
-    atomic_text(eval_dir(cfg) / "alpaca_eval_annotations.json",
-                json.dumps(alpaca_eval_annotations(items, result), indent=2, ensure_ascii=False) + "\n")
-    atomic_text(eval_dir(cfg) / "fastchat_pair.jsonl",
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.fastchat_rows))
+    for old in ("alpaca_eval", "fastchat"):  # this run's comparisons only
+        shutil.rmtree(eval_dir(cfg) / old, ignore_errors=True)
+    write_exports(eval_dir(cfg), items, result.judgments, result.fastchat_rows, result.judge)
     atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
         "judge": result.judge, "weak": endpoint.weak, "mode": result.mode, "mode_note": result.mode_note,
         "pairs": len(items), "judgments": len(result.judgments), "outcomes": dict(result.outcomes),
-        "errors": dict(result.errors), "seconds": round(result.seconds, 2)}, indent=2) + "\n")
+        "errors": dict(result.errors), "calls": result.calls, "seconds": round(result.seconds, 2)}, indent=2) + "\n")
     print(f"judge {result.judge}: {len(result.judgments)} of {len(items)} pairs judged ({result.mode} verdicts"
           + (f"; {result.mode_note}" if result.mode_note else "") + f") in {result.seconds:.0f} s")
     return Judged(result, endpoint.weak, out)

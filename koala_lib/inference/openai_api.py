@@ -9,6 +9,10 @@ that names the field (`param`), and nothing one request carries can reach anothe
     stop                                         a string or at most 4, each at most 256 characters
     logprobs / top_logprobs                      chat: bool / 0 to 20; completions: 0 to 20
 
+Fields that would change an answer and that this server does not implement (`logit_bias`, `response_format`, `tools`,
+`tool_choice`, `functions`, `function_call`) are a 400 naming the field, never dropped; fields that change nothing
+here (`user`, `metadata`, `stream_options`, `store`, `service_tier`, ...) are accepted and ignored.
+
 `Gate` is plain ASGI middleware (it sees the body as it streams in): a request body over `max_bytes` gets 413
 (from its Content-Length, or counted as it arrives), and with an API key set, `/v1/` routes need
 `Authorization: Bearer <key>` (401).
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
@@ -29,6 +33,7 @@ from koala_lib.inference.sampling import SEED_RANGE, TOP_LOGPROBS
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
+UNSUPPORTED = ("logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call")
 
 
 class ApiError(Exception):
@@ -61,6 +66,19 @@ class _Body(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Any = None  # the UNSUPPORTED fields: declared so that a value is refused by name, not ignored
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator(*UNSUPPORTED, mode="before")
+    @classmethod
+    def _not_implemented(cls, value, info):
+        if value is not None:
+            raise ValueError(f"not supported by this server: it would change the answer, and it is not implemented")
+        return value
 
     @field_validator("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", mode="before")
     @classmethod
