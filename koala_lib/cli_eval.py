@@ -49,6 +49,18 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from koala_lib.evaluation.stage import run_judge
 
+    if args.dry_run:
+        from koala_lib.evaluation.stage import plan_calls
+
+        plan = plan_calls(_cfg(args))
+        for part, p in plan["parts"].items():
+            print(f"{part:12s} {p['games']:6d} games, {p['cached']:6d} cached, {p['to_send']:6d} to send, "
+                  f"~{p['prompt_tokens_estimate']:,} prompt tokens (estimate, the kit's tokenizer)")
+        print(f"{'total':12s} {plan['to_send']:6d} calls to send ({plan['mode']} requests), "
+              f"~{plan['prompt_tokens_estimate']:,} prompt tokens (estimate); cache {plan['cache']}")
+        for note in plan["notes"]:
+            print(f"note: {note}")
+        return 0
     if args.action == "card":
         from koala_lib.evaluation.judge_card import card_path, measure_card
 
@@ -171,6 +183,8 @@ def register(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
     p.set_defaults(func=cmd_leakage)
 
     p = sub.add_parser("judge", help="stage 5: an LLM judge over an OpenAI-compatible endpoint (eval.judge), both orders per pair")
+    p.add_argument("--dry-run", action="store_true", help="print how many calls stage 5's judge would send (comparisons, "
+                   "calibration, card) and an estimate of their prompt tokens, and send none")
     p.add_argument("action", nargs="?", choices=["calibrate", "card"],
                    help="calibrate: judge held-out human-labelled pairs (eval.calibration) and report the agreement; "
                         "card: the judge's fitness (canaries, position, length, markdown, self-preference, the agreement "

@@ -183,6 +183,7 @@ class JudgeConfig:
     max_tokens: int = doc(512, "text mode: reply tokens per judgment at most (the verdict comes last)")
     max_answer_chars: int = doc(4000, "each question and answer shown to the judge is cut to this many characters (marked as cut)")
     concurrency: int = doc(8, "judge requests in flight at once")
+    max_retries: int = doc(2, "retries per judge request (with the client's backoff) before the game is counted as failed; the kit's own server gets none")
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ class CardConfig:
     min_canary_accuracy: float = doc(90.0, "a fit judge picks the better answer of at least this % of the canary pairs, in both orders")
     min_position_consistency: float = doc(60.0, "a fit judge keeps its verdict under a swap of the answers in at least this % of pairs (MT-bench measured GPT-4 at 65)")
     require_human_agreement: bool = doc(True, "a fit judge's agreement with held-out human labels has its 95 % interval above chance (50 %)")
+    drift_canaries: int = doc(8, "canary pairs an endpoint judge is asked again every run although cached, so that a model changed under the same name shows (a model the kit serves is identified by its weights' hash and cannot drift)")
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ class Config:
     seed: int = doc(0, "the one seed every random choice derives from")
     runs_dir: str = doc("runs", "where stages write, relative to the kit root unless absolute; outputs go to <runs_dir>/<profile>/")
     figures_dir: str | None = doc(None, "where figures are saved; null = <runs_dir>/<profile>/figures")
+    call_cache: str | None = doc(None, "SQLite file of judge verdicts and openai:MODEL answers, keyed by who answered and exactly what was asked (a re-run pays no call twice); null = <runs_dir>/call_cache.sqlite; one file may serve several runs")
     data: DataConfig = doc(DataConfig, "stage 1: sources, mixture and cleaning")
     conditioning: ConditioningConfig = doc(ConditioningConfig, "stage 2: chat template, markers, packing")
     model: ModelConfig = doc(ModelConfig, "base model and tokenizer")
@@ -261,6 +264,10 @@ class Config:
     def variants(self) -> tuple[str, ...]:
         """The models stage 3 fine-tunes: `train.variants`, or the data mixture itself."""
         return self.train.variants or (self.data.mixture,)
+
+    @property
+    def call_cache_path(self) -> Path:
+        return resolve_path(self.call_cache) if self.call_cache else resolve_path(self.runs_dir) / "call_cache.sqlite"
 
     @property
     def figures_path(self) -> Path:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
+from koala_lib.evaluation.judge_card import probe_items
 from koala_lib.evaluation.report import build_report
 from koala_lib.evaluation.stage import eval_dir, run_judge
 from koala_lib.inference.serve import serving
@@ -112,3 +113,18 @@ def test_outputs_files_are_what_alpaca_eval_takes_and_fastchat_files_are_split_t
     lines = [json.loads(line) for p in fastchat for line in p.read_text().splitlines()]
     assert len(lines) == sum(result.outcomes.values()) == 4 * 14 - 2
     assert {r["model_1"] for r in lines} == {"koala_all"}
+
+
+def test_a_dry_run_counts_what_would_be_sent_and_rerunning_sends_nothing(judged):
+    from koala_lib.evaluation.stage import plan_calls
+
+    cfg, result, rep = judged
+    plan = plan_calls(cfg)
+    comparisons = plan["parts"]["comparisons"]
+    assert comparisons["games"] == comparisons["cached"] == 2 * (4 * 14 - 2) and comparisons["to_send"] == 0
+    card = plan["parts"]["card"]
+    assert card["to_send"] == card["games"] == 2 * len(probe_items())
+    assert card["prompt_tokens_estimate"] > 100 * card["games"]  # a judge prompt holds two answers and the rules
+    assert "calibration" not in plan["parts"] and any("calibration not counted" in n for n in plan["notes"])
+    again = run_judge(cfg, progress=False).result  # the cache answers every game: the endpoint, now closed, is not called
+    assert (again.calls, again.cache_hits) == (0, 2 * (4 * 14 - 2))

@@ -104,6 +104,7 @@ class Calibration:
     skipped: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
     calls: int = 0  # requests sent to the judge
+    cache_hits: int = 0  # games answered from the call cache
     seconds: float = 0.0
 
     def line(self) -> str:
@@ -158,7 +159,7 @@ def summarise(result, items: list[PairItem], skipped: Counter, replicates: int, 
         agreement_ci=bootstrap_mean(scores, replicates, seed), agree=verdicts["A"], disagree=verdicts["B"],
         ties=verdicts["tie"], no_verdict=result.outcomes.get("no_verdict", 0), first_shown_wins=first,
         mean_preference=100.0 * float(np.mean(soft)) if soft else None,
-        by_source=by_source, skipped=dict(skipped), errors=dict(result.errors), calls=result.calls, seconds=round(result.seconds, 2))
+        by_source=by_source, skipped=dict(skipped), errors=dict(result.errors), calls=result.calls, cache_hits=result.cache_hits, seconds=round(result.seconds, 2))
 
 
 def calibration_path(cfg: Config) -> Path:

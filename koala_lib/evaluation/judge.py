@@ -132,6 +132,8 @@ class JudgeResult:
     outcomes: Counter = field(default_factory=Counter)  # consistent | inconsistent | no_verdict
     errors: Counter = field(default_factory=Counter)  # failed requests, by exception type
     calls: int = 0  # requests sent to the endpoint
+    cache_hits: int = 0  # games answered from the cache, not sent
+    drift: list = field(default_factory=list)  # games asked again that changed verdict against the cache
     seconds: float = 0.0
 
 
@@ -149,16 +151,20 @@ def _messages(mode: str, question: str, first: str, second: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def _ask(client, model: str, mode: str, messages: list[dict], max_tokens: int, top_logprobs: int) -> Game:
+def _request(model: str, mode: str, messages: list[dict], max_tokens: int, top_logprobs: int) -> dict:
+    """The chat completion request of one game, as sent (and as the cache keys it)."""
+    if mode == "logprobs":
+        return {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": 1, "logprobs": True,
+                "top_logprobs": top_logprobs}
+    return {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens}
+
+
+def _ask(client, mode: str, request: dict) -> Game:
     """One game; a failed request is a Game with an error, never a crash of the whole run."""
     import openai
 
     try:
-        if mode == "logprobs":
-            reply = client.chat.completions.create(model=model, messages=messages, temperature=0.0, max_tokens=1,
-                                                   logprobs=True, top_logprobs=top_logprobs)
-        else:
-            reply = client.chat.completions.create(model=model, messages=messages, temperature=0.0, max_tokens=max_tokens)
+        reply = client.chat.completions.create(**request)
         choice = reply.choices[0]
         text = choice.message.content or ""
     except (openai.OpenAIError, IndexError, AttributeError, ValueError) as exc:  # a failed request or a malformed reply
@@ -178,20 +184,52 @@ def _ask(client, model: str, mode: str, messages: list[dict], max_tokens: int, t
     return Game(shown, max(("A", "B", "tie"), key=lambda v: probs["C" if v == "tie" else v]), pref, has_logprobs=True)
 
 
+@dataclass
+class Caller:
+    """Who answers and how: the client and model, the judge's identity for the cache (None: no cache), and the
+    item keys asked again even when cached (drift checks)."""
+
+    client: object
+    model: str
+    cache: object = None  # koala_lib.call_cache.CallCache
+    identity: str = ""
+    fresh: frozenset = frozenset()
+    sent: list = field(default_factory=list)  # one entry per request sent (list.append is atomic across threads)
+    hits: list = field(default_factory=list)
+    drift: list = field(default_factory=list)  # {"item", "order", "before", "now"} where a fresh game changed verdict
+
+    def play(self, item, order: int, mode: str, messages: list[dict], max_tokens: int, top_logprobs: int) -> Game:
+        from koala_lib.call_cache import call_key
+
+        request = _request(self.model, mode, messages, max_tokens, top_logprobs)
+        key = call_key("judge", self.identity, request) if self.cache is not None else None
+        before = None
+        if key is not None:
+            if item.key in self.fresh:
+                before = self.cache.peek(key)
+            elif (cached := self.cache.get(key)) is not None:
+                self.hits.append(1)
+                return Game(**cached)
+        self.sent.append(1)
+        game = _ask(self.client, mode, request)
+        if key is not None and game.error is None:
+            if before is not None and before.get("verdict") != game.verdict:
+                self.drift.append({"item": item.key, "order": order, "before": before.get("verdict"), "now": game.verdict})
+            self.cache.put(key, "judge", self.identity, vars(game))
+        return game
+
+
 _FASTCHAT_WINNER = {"A": "model_1", "B": "model_2", "tie": "tie", None: "error"}
 
 
-def _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency, progress, desc) -> tuple[str, str, list[Game], int]:
-    """(mode used, note, one Game per game, requests sent); `auto` decides on the first answered game."""
+def _play_all(games, caller: Caller, mode, max_tokens, top_logprobs, concurrency, progress, desc) -> tuple[str, str, list[Game]]:
+    """(mode used, note, one Game per game); `auto` decides on the first answered game."""
     from koala_lib.progress import bar
 
-    sent = []
-
     def play(game, how):
-        sent.append(1)  # list.append is atomic: the pool's threads count without a lock
         item, order, question, a, b = game
         first, second = (a, b) if order == 1 else (b, a)
-        return _ask(client, model, how, _messages(how, question, first, second), max_tokens, top_logprobs)
+        return caller.play(item, order, how, _messages(how, question, first, second), max_tokens, top_logprobs)
 
     note, done = "", []
     if mode in ("auto", "logprobs"):
@@ -218,22 +256,27 @@ def _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency,
             for i, result in zip(rest, pool.map(lambda i: play(games[i], mode), rest)):
                 played[i] = result
                 shown.update(1)
-    return mode, note, [played[i] for i in range(len(games))], len(sent)
+    return mode, note, [played[i] for i in range(len(games))]
 
 
 def judge_pairs(items: Sequence[PairItem], client, model: str, max_tokens: int = 512, concurrency: int = 8,
                 progress: bool = True, judge_name: str | None = None, *, mode: str = "text", top_logprobs: int = 20,
-                tie_margin: float = 0.05, max_chars: int | None = None) -> JudgeResult:
+                tie_margin: float = 0.05, max_chars: int | None = None, cache=None, identity: str = "",
+                fresh: Sequence[str] = ()) -> JudgeResult:
     """Judge every item in both orders through `client` (an `openai.OpenAI`); requests run `concurrency` at a time.
-    `max_chars` cuts each question and answer shown to the judge."""
+    `max_chars` cuts each question and answer shown to the judge. With a `cache` (koala_lib.call_cache.CallCache)
+    and the judge's `identity`, a game already cached is not sent again, except for the items whose key is in
+    `fresh`, which are asked again and compared with the cache (`result.drift`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: allowed {', '.join(MODES)}")
     name = judge_name or model
     start = time.perf_counter()
     games = [(item, order, cut(item.prompt, max_chars), cut(item.answer_a, max_chars), cut(item.answer_b, max_chars))
              for item in items for order in (1, 2)]
-    used, note, replies, calls = _play_all(games, client, model, mode, max_tokens, top_logprobs, concurrency, progress, f"judge {name}")
-    result = JudgeResult(judge=name, mode=used, mode_note=note, calls=calls)
+    caller = Caller(client, model, cache, identity or f"{model}", frozenset(fresh))
+    used, note, replies = _play_all(games, caller, mode, max_tokens, top_logprobs, concurrency, progress, f"judge {name}")
+    result = JudgeResult(judge=name, mode=used, mode_note=note, calls=len(caller.sent), cache_hits=len(caller.hits),
+                         drift=caller.drift)
     for i, item in enumerate(items):
         g1, g2 = replies[2 * i], replies[2 * i + 1]
         for g in (g1, g2):
@@ -291,6 +334,8 @@ class JudgeEndpoint:
     model: str
     name: str  # how reports name the judge
     weak: bool  # the kit's own small base model
+    identity: str = ""  # what the cache keys its verdicts by: the endpoint and model, or the served weights' hash
+    cache: object = None  # koala_lib.call_cache.CallCache, open while the endpoint is
 
 
 @contextmanager
@@ -298,23 +343,45 @@ def judge_endpoint(cfg) -> Iterator[JudgeEndpoint]:
     """The profile's judge: `eval.judge.base_url` through the official client, or (empty) the kit's own server."""
     import os
 
+    from koala_lib.call_cache import CallCache
+
     j = cfg.eval.judge
-    if j.base_url:
-        import openai
+    with CallCache(cfg.call_cache_path) as cache:
+        if j.base_url:
+            import openai
 
-        key = os.environ.get(j.api_key_env, "")
-        client = openai.OpenAI(base_url=j.base_url, api_key=key or "unused", timeout=600)
-        model = j.model or client.models.list().data[0].id
-        yield JudgeEndpoint(client, model, model, False)
-        return
-    from koala_lib.inference.answers import base_label
+            key = os.environ.get(j.api_key_env, "")
+            client = openai.OpenAI(base_url=j.base_url, api_key=key or "unused", timeout=600, max_retries=j.max_retries)
+            model = j.model or client.models.list().data[0].id
+            yield JudgeEndpoint(client, model, model, False, f"endpoint {j.base_url.rstrip('/')} model {model}", cache)
+            return
+        from koala_lib.inference.answers import base_label
 
-    with local_judge(cfg) as (client, served):
-        yield JudgeEndpoint(client, j.model or served, f"{base_label(cfg)} (kit server)", True)
+        with local_judge(cfg) as (client, served):
+            yield JudgeEndpoint(client, j.model or served, f"{base_label(cfg)} (kit server)", True, local_identity(cfg, cache), cache)
 
 
-def judge_with(endpoint: JudgeEndpoint, items: Sequence[PairItem], cfg, progress: bool = True) -> JudgeResult:
+def local_identity(cfg, cache) -> str:
+    """The kit-served judge's identity: a hash of every file of its base model's folder (weights, tokenizer, chat
+    template) and the settings it runs in; a random-init model is its preset and seed."""
+    import hashlib
+
+    from koala_lib.inference.answers import base_folder
+
+    m = cfg.model
+    settings = f"dtype {m.dtype} param_dtype {m.param_dtype} attention {m.attention}"
+    if m.init == "random":
+        return f"kit server: random {m.preset} seed {cfg.seed} tokenizer {m.tokenizer} {settings}"
+    folder = base_folder(cfg)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    digest = hashlib.sha256("".join(f"{p.relative_to(folder)}:{cache.file_digest(p)}\n" for p in files).encode()).hexdigest()
+    return f"kit server: files sha256 {digest} {settings}"
+
+
+def judge_with(endpoint: JudgeEndpoint, items: Sequence[PairItem], cfg, progress: bool = True,
+               fresh: Sequence[str] = ()) -> JudgeResult:
     """`judge_pairs` with the profile's `eval.judge` settings."""
     j = cfg.eval.judge
     return judge_pairs(items, endpoint.client, endpoint.model, j.max_tokens, j.concurrency, progress, endpoint.name,
-                       mode=j.mode, top_logprobs=j.top_logprobs, tie_margin=j.tie_margin, max_chars=j.max_answer_chars)
+                       mode=j.mode, top_logprobs=j.top_logprobs, tie_margin=j.tie_margin, max_chars=j.max_answer_chars,
+                       cache=endpoint.cache, identity=endpoint.identity, fresh=fresh)

@@ -91,6 +91,9 @@ class JudgeCard:
     reasons: list = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
     calls: int = 0  # requests sent to the judge for the probes
+    cache_hits: int = 0  # probe games answered from the call cache
+    drift_checked: int = 0  # canary pairs asked again although cached (an endpoint judge)
+    drift: list = field(default_factory=list)  # games among them whose verdict differs from the cached one
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -113,9 +116,18 @@ class JudgeCard:
                f"  own model's answers preferred  {pct(self.self_preference)} ({self.self_pairs} pairs"
                f"{': ' + ', '.join(self.self_models) if self.self_models else ', the judge did not answer'})",
                f"  agreement with human labels    {pct(self.human_agreement)}{ci(self.human_agreement_ci)} ({self.human_pairs} pairs)"]
+        if self.drift_checked:
+            out.append(f"  drift                          {self.drift_line()}")
         if not self.fit:
             out.append("  unfit: " + "; ".join(self.reasons))
         return out
+
+    def drift_line(self) -> str:
+        if not self.drift:
+            return f"none: {self.drift_checked} canary pairs asked again gave the cached verdicts"
+        changed = sorted({d["item"].split("/")[1] for d in self.drift})
+        return (f"{len(self.drift)} games of {len(changed)} of {self.drift_checked} canary pairs asked again changed verdict "
+                f"against the cache from an earlier run ({', '.join(changed)}): the model behind this name has changed")
 
 
 def _canaries(card: JudgeCard, games: Sequence[Judgment], kinds: dict[str, str]) -> None:
@@ -153,7 +165,7 @@ def build_card(judge: str, mode: str, probes: Sequence[PairItem], probe_result, 
     answer lengths keyed (model, test_set, prompt_id), and `eval/calibration.json`); `thresholds` is `eval.card`."""
     from koala_lib.evaluation.length_control import lc_interval, lc_win_rate
 
-    card = JudgeCard(judge, mode, calls=probe_result.calls)
+    card = JudgeCard(judge, mode, calls=probe_result.calls, cache_hits=probe_result.cache_hits, drift=list(probe_result.drift))
     _canaries(card, probe_result.games, canary_kinds())
     # position: pairs whose two orders both gave a verdict, and single games
     outcomes = {k: probe_result.outcomes.get(k, 0) + (comparison_outcomes or {}).get(k, 0) for k in ("consistent", "inconsistent")}
@@ -219,6 +231,9 @@ def _verdict(card: JudgeCard, thresholds) -> None:
         elif not card.human_agreement_ci[0] > 50.0:
             reasons.append(f"agreement with human labels {card.human_agreement:.1f} % "
                            f"[{card.human_agreement_ci[0]:.1f}-{card.human_agreement_ci[1]:.1f}] does not exclude chance (50 %)")
+    if card.drift:
+        reasons.append(f"drift: {len(card.drift)} canary games answered differently than the cached verdicts of an earlier run "
+                       "under the same name (clear call_cache or name the model's dated version)")
     card.reasons, card.fit = reasons, not reasons
 
 
@@ -253,7 +268,9 @@ def measure_card(cfg, progress: bool = True) -> JudgeCard:
 
     probes = probe_items()
     with judge_endpoint(cfg) as endpoint:
-        result = judge_with(endpoint, probes, cfg, progress)
+        # an endpoint's model can change under the same name: some canaries are asked again, and compared with the cache
+        fresh = [] if endpoint.weak else [it.key for it in probes if it.test_set == CANARY][:cfg.eval.card.drift_canaries]
+        result = judge_with(endpoint, probes, cfg, progress, fresh=fresh)
     folder = eval_dir(cfg)
     games, judgments, outcomes, lengths = [], [], {}, {}
     if (folder / "judge.json").is_file():  # stage 5's comparisons were judged: their games count too
@@ -266,6 +283,8 @@ def measure_card(cfg, progress: bool = True) -> JudgeCard:
     card = build_card(result.judge, result.mode, probes, result, games, judgments, outcomes, lengths,
                       _self_models(cfg, read_models(cfg)), read_calibration(cfg), cfg.eval.card,
                       min(cfg.eval.bootstrap, 200), cfg.seed)
+    card.drift_checked = len(fresh)
+    _verdict(card, cfg.eval.card)
     write_judgments(folder / "card" / "games.jsonl", result.games)
     atomic_text(card_path(cfg), json.dumps(card.to_json(), indent=2) + "\n")
     print("\n".join(card.lines()))

@@ -129,9 +129,11 @@ def run_judge(cfg: Config, progress: bool = True) -> Judged:
     atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
         "judge": result.judge, "weak": endpoint.weak, "mode": result.mode, "mode_note": result.mode_note,
         "pairs": len(items), "judgments": len(result.judgments), "outcomes": dict(result.outcomes),
-        "errors": dict(result.errors), "calls": result.calls, "seconds": round(result.seconds, 2)}, indent=2) + "\n")
+        "errors": dict(result.errors), "calls": result.calls, "cache_hits": result.cache_hits,
+        "identity": endpoint.identity, "seconds": round(result.seconds, 2)}, indent=2) + "\n")
     print(f"judge {result.judge}: {len(result.judgments)} of {len(items)} pairs judged ({result.mode} verdicts"
-          + (f"; {result.mode_note}" if result.mode_note else "") + f") in {result.seconds:.0f} s")
+          + (f"; {result.mode_note}" if result.mode_note else "") + f") in {result.seconds:.0f} s; "
+          f"{result.calls} calls sent, {result.cache_hits} answered from the cache {cfg.call_cache_path}")
     return Judged(result, endpoint.weak, out)
 
 
@@ -141,4 +143,56 @@ def all_judgments(cfg: Config) -> list:
     out = []
     for path in sorted(judgments_dir(cfg).glob("*.jsonl")):
         out.extend(j for j in read_judgments(path) if f"{j.test_set}/{j.prompt_id}" not in removed)
+    return out
+
+
+def plan_calls(cfg: Config) -> dict:
+    """What stage 5's judge would send, before it sends anything: per part (comparisons, calibration, card), the
+    games, how many the call cache already holds, and an estimate of the rest's prompt tokens counted with the
+    profile's tokenizer (the judge's own tokenizer and chat template will count differently). In `auto` mode the
+    games are counted as logprobs requests, which is what `auto` sends first."""
+    from koala_lib.call_cache import CallCache, call_key
+    from koala_lib.conditioning.template import load_tokenizer
+    from koala_lib.evaluation.calibration import labelled_pairs
+    from koala_lib.evaluation.judge import _messages, _request, cut, local_identity
+    from koala_lib.evaluation.judge_card import probe_items
+
+    j = cfg.eval.judge
+    mode = "text" if j.mode == "text" else "logprobs"
+    notes, parts = [], {}
+    try:
+        parts["comparisons"] = items_to_judge(cfg)
+    except FileNotFoundError as exc:  # before the leakage filter: every prompt, an upper bound
+        answers = load_answers(cfg)
+        parts["comparisons"] = pair_items(answers, comparisons(cfg, list(answers)))
+        notes.append(f"comparisons counted before the leakage filter ({exc})")
+    try:
+        parts["calibration"] = labelled_pairs(cfg)[0]
+    except FileNotFoundError as exc:
+        notes.append(f"calibration not counted ({exc})")
+    parts["card"] = probe_items()
+    tokenizer = load_tokenizer(cfg)
+    out = {"mode": mode, "cache": str(cfg.call_cache_path), "parts": {}, "notes": notes}
+    with CallCache(cfg.call_cache_path) as cache:
+        if j.base_url:
+            model = j.model
+            identity = f"endpoint {j.base_url.rstrip('/')} model {model}" if model else None
+            if identity is None:
+                notes.append("eval.judge.model is empty: the served model is unknown before a call, so nothing counts as cached")
+        else:
+            model, identity = j.model or "base", local_identity(cfg, cache)
+        for part, items in parts.items():
+            games = cached = tokens = 0
+            for item in items:
+                q, a, b = (cut(t, j.max_answer_chars) for t in (item.prompt, item.answer_a, item.answer_b))
+                for first, second in ((a, b), (b, a)):
+                    messages = _messages(mode, q, first, second)
+                    games += 1
+                    if identity is not None and cache.peek(call_key("judge", identity, _request(model, mode, messages, j.max_tokens, j.top_logprobs))) is not None:
+                        cached += 1
+                    else:
+                        tokens += sum(len(tokenizer(m["content"])["input_ids"]) for m in messages)
+            out["parts"][part] = {"games": games, "cached": cached, "to_send": games - cached, "prompt_tokens_estimate": tokens}
+    out["to_send"] = sum(p["to_send"] for p in out["parts"].values())
+    out["prompt_tokens_estimate"] = sum(p["prompt_tokens_estimate"] for p in out["parts"].values())
     return out

@@ -64,7 +64,7 @@ def answerers(cfg: Config, only: list[str] | None = None) -> list[Answerer]:
     out: list[Answerer] = []
     extra_names = {e.partition("=")[0].strip() for e in cfg.generate.extra}
     names = [n for n in only if n not in extra_names] if only is not None else list(cfg.generate.models or ("base", *cfg.variants))
-    base_path = lambda: None if cfg.model.init == "random" else _base_folder(cfg)
+    base_path = lambda: None if cfg.model.init == "random" else base_folder(cfg)
     for name in names:
         if name == "base":
             out.append(Answerer("base", "base", base_path()))
@@ -98,7 +98,7 @@ def answerers(cfg: Config, only: list[str] | None = None) -> list[Answerer]:
     return out
 
 
-def _base_folder(cfg: Config) -> Path:
+def base_folder(cfg: Config) -> Path:
     from koala_lib.model.checkpoints import resolve_checkpoint
 
     return resolve_checkpoint(cfg.model.base)
