@@ -22,6 +22,8 @@ metrics = pytest.importorskip("alpaca_eval.metrics")
 glm = pytest.importorskip("alpaca_eval.metrics.glm_winrate")
 
 MODELS = {"koala_all": 3, "alpaca": 2, "chatgpt": 4}  # quality level written into each answer
+EMPTY = {"koala_all": (0, 1), "chatgpt": (1, 2)}  # alpaca-set answers left empty: 5 pairs hold one (alpaca_1 vs chatgpt: two)
+RULED = 5
 
 
 def _answers(cfg):
@@ -31,6 +33,8 @@ def _answers(cfg):
     for model, quality in MODELS.items():
         rows = [{"id": f"{ts}_{i}", "test_set": ts, "instruction": f"Question {ts} {i}?", "generator": model,
                  "output": f"q{quality} " + "word " * int(rng.integers(5, 120))} for ts in ("koala", "alpaca") for i in range(14)]
+        for i in EMPTY.get(model, ()):  # answered nothing: these pairs are judged by rule
+            rows[14 + i]["output"] = ""
         (gen / f"{model}.json").write_text(json.dumps(rows))
     folder = eval_dir(cfg)
     folder.mkdir(parents=True)
@@ -111,7 +115,12 @@ def test_outputs_files_are_what_alpaca_eval_takes_and_fastchat_files_are_split_t
     assert [p.relative_to(eval_dir(cfg)).as_posix() for p in fastchat] == [
         f"fastchat/{t}/koala_all_vs_{m}.jsonl" for t in ("alpaca", "koala") for m in ("alpaca", "chatgpt")]
     lines = [json.loads(line) for p in fastchat for line in p.read_text().splitlines()]
-    assert len(lines) == sum(result.outcomes.values()) == 4 * 14 - 2
+    assert len(lines) == sum(result.outcomes.values()) == 4 * 14 - 2 - RULED
+    ruled = [a for p in (eval_dir(cfg) / "alpaca_eval").rglob("annotations.json") for a in json.loads(p.read_text()) if "judged_by" in a]
+    assert sorted((a["generator_1"], a["id"], a["preference"]) for a in ruled) == [
+        ("alpaca", "alpaca_0", 1.0), ("alpaca", "alpaca_1", 1.0), ("chatgpt", "alpaca_0", 1.0), ("chatgpt", "alpaca_1", 1.5),
+        ("chatgpt", "alpaca_2", 2.0)]  # the non-empty answer wins; two empty answers tie
+    assert {a["annotator"] for a in ruled} == {"fake"} and {a["judged_by"] for a in ruled} == {"rule: empty answer"}
     assert {r["model_1"] for r in lines} == {"koala_all"}
 
 
@@ -121,10 +130,11 @@ def test_a_dry_run_counts_what_would_be_sent_and_rerunning_sends_nothing(judged)
     cfg, result, rep = judged
     plan = plan_calls(cfg)
     comparisons = plan["parts"]["comparisons"]
-    assert comparisons["games"] == comparisons["cached"] == 2 * (4 * 14 - 2) and comparisons["to_send"] == 0
+    assert comparisons["games"] == comparisons["cached"] == 2 * (4 * 14 - 2 - RULED) and comparisons["to_send"] == 0
+    assert any(n.startswith(f"{RULED} comparison pairs hold an empty answer") for n in plan["notes"])
     card = plan["parts"]["card"]
     assert card["to_send"] == card["games"] == 2 * len(probe_items())
     assert card["prompt_tokens_estimate"] > 100 * card["games"]  # a judge prompt holds two answers and the rules
     assert "calibration" not in plan["parts"] and any("calibration not counted" in n for n in plan["notes"])
     again = run_judge(cfg, progress=False).result  # the cache answers every game: the endpoint, now closed, is not called
-    assert (again.calls, again.cache_hits) == (0, 2 * (4 * 14 - 2))
+    assert (again.calls, again.cache_hits) == (0, 2 * (4 * 14 - 2 - RULED))

@@ -67,10 +67,12 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     leakage = json.loads((tmp_path / "smoke" / "eval" / "leakage.json").read_text())
     assert len(leakage["removed"]) + len(leakage["kept"]) == 8
     judged = json.loads((tmp_path / "smoke" / "eval" / "judge.json").read_text())
-    assert judged["weak"] is True and judged["pairs"] == 2 * len(leakage["kept"]) == sum(judged["outcomes"].values())
+    assert judged["weak"] is True and judged["pairs"] == 2 * len(leakage["kept"]) == judged["sent_to_judge"] + judged["by_rule"]
+    assert sum(judged["outcomes"].values()) == judged["sent_to_judge"]
     assert judged["mode"] == "logprobs"  # `auto`: the kit's server returns logprobs
     evaluated = json.loads((tmp_path / "smoke" / "eval" / "metrics.json").read_text())
     assert evaluated["judgments"] == judged["judgments"] == judged["pairs"] - judged["outcomes"].get("no_verdict", 0) and evaluated["leaked_queries"] == len(leakage["removed"])
+    assert evaluated["judged_by_rule"] == judged["by_rule"] and {f"answer_health/{m}/empty" for m in ("koala_all", "koala_distill", "chatgpt")} <= set(evaluated)
     summary = json.loads((tmp_path / "smoke" / "eval" / "summary.json").read_text())
     # the random smoke judge rarely has a verdict letter among its top tokens: comparisons exist exactly for the pairs it judged
     judged_pairs = {(j["model_a"], j["model_b"]) for j in map(json.loads, (tmp_path / "smoke" / "eval" / "judgments" / "llm.jsonl").read_text().splitlines())}
@@ -84,7 +86,7 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     else:  # the random model rarely puts a letter among its top tokens
         assert summary["judge"]["line"].endswith(f"no verdict on any of {calibration['pairs']} human-labelled pairs")
     evald = tmp_path / "smoke" / "eval"
-    assert sum(len(p.read_text().splitlines()) for p in (evald / "fastchat").rglob("*.jsonl")) == judged["pairs"]
+    assert sum(len(p.read_text().splitlines()) for p in (evald / "fastchat").rglob("*.jsonl")) == judged["sent_to_judge"]
     annotations = [a for p in (evald / "alpaca_eval").rglob("annotations.json") for a in json.loads(p.read_text())]
     assert len(annotations) == judged["judgments"] and all(1.0 <= a["preference"] <= 2.0 for a in annotations)
     assert all(r["alpaca_eval_file"].startswith("eval/alpaca_eval/") for r in summary["comparisons"] if r["test_set"] != "all")

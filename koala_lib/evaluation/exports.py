@@ -1,6 +1,6 @@
 """The LLM judge's verdicts in the layouts other tools read, one folder per comparison and test set.
 
-    paths = write_exports(eval_folder, items, result)   # {(test_set, model, opponent): annotations.json path}
+    paths = write_exports(eval_folder, items, judgments, fastchat_rows, judge)   # {(test_set, model, opponent): annotations}
 
 For each comparison (model, opponent) on each test set:
 
@@ -43,9 +43,12 @@ def fastchat_file(eval_folder: Path, test_set: str, model: str, opponent: str) -
 
 def annotation_row(item: PairItem, judgment, annotator: str) -> dict:
     """One AlpacaEval annotation: `item.model_a` is the model evaluated (generator_2), `item.model_b` the baseline."""
-    return {"instruction": item.prompt, "output_1": item.answer_b, "generator_1": item.model_b,
-            "output_2": item.answer_a, "generator_2": item.model_a, "annotator": annotator,
-            "preference": 1.0 + soft(judgment), "dataset": item.test_set, "id": item.prompt_id}
+    row = {"instruction": item.prompt, "output_1": item.answer_b, "generator_1": item.model_b,
+           "output_2": item.answer_a, "generator_2": item.model_a, "annotator": annotator,
+           "preference": 1.0 + soft(judgment), "dataset": item.test_set, "id": item.prompt_id}
+    if judgment.judge != annotator:  # judged by rule (an empty answer), not by the annotator: said, one annotator per file
+        row["judged_by"] = judgment.judge
+    return row
 
 
 def _outputs(items: Sequence[PairItem], side: str) -> list[dict]:
@@ -58,12 +61,13 @@ def _dump(path: Path, rows) -> None:
     atomic_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_exports(eval_folder: Path, items: Sequence[PairItem], judgments: Sequence, fastchat_rows: Sequence[dict],
+def write_exports(eval_folder: Path, items: Sequence[PairItem], judgments: Sequence, fastchat_rows: dict[str, dict],
                   annotator: str) -> dict[tuple[str, str, str], Path]:
     """Write every comparison's AlpacaEval and FastChat files; returns (test_set, model, opponent) -> annotations.
 
-    `judgments` are the LLM judge's (one per judged pair, oriented as the items); `fastchat_rows` one per item,
-    in the items' order."""
+    `judgments` are the LLM judge's (one per judged pair, oriented as the items), and those by rule (their `judge`
+    names the rule, kept as `judged_by`; the file keeps one annotator, as AlpacaEval's LC expects); `fastchat_rows` maps an item's key to its FastChat row (items the
+    judge never saw have none)."""
     by_key = {(j.test_set, j.prompt_id, j.model_a, j.model_b): j for j in judgments}
     groups: dict[tuple[str, str, str], list[int]] = {}
     for i, item in enumerate(items):
@@ -72,13 +76,13 @@ def write_exports(eval_folder: Path, items: Sequence[PairItem], judgments: Seque
     for (test_set, model, opponent), indices in sorted(groups.items()):
         chosen = [items[i] for i in indices]
         folder = alpaca_eval_folder(eval_folder, test_set, model, opponent)
-        rows = [annotation_row(it, by_key[k], annotator) for it in chosen
-                if (k := (it.test_set, it.prompt_id, it.model_a, it.model_b)) in by_key]
+        rows = [annotation_row(it, j, annotator) for it in chosen
+                if (j := by_key.get((it.test_set, it.prompt_id, it.model_a, it.model_b))) is not None]
         _dump(folder / "annotations.json", rows)
         _dump(folder / "model_outputs.json", _outputs(chosen, "a"))
         _dump(folder / "reference_outputs.json", _outputs(chosen, "b"))
         path = fastchat_file(eval_folder, test_set, model, opponent)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_text(path, "".join(json.dumps(fastchat_rows[i], ensure_ascii=False) + "\n" for i in indices))
+        atomic_text(path, "".join(json.dumps(fastchat_rows[it.key], ensure_ascii=False) + "\n" for it in chosen if it.key in fastchat_rows))
         written[(test_set, model, opponent)] = folder / "annotations.json"
     return written

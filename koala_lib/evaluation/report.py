@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from koala_lib.config import Config
+from koala_lib.evaluation.answer_health import answer_health, health_line, turn_markers
 from koala_lib.evaluation.calibration import read_calibration
 from koala_lib.evaluation.judge import WEAK_JUDGE_NOTE
 from koala_lib.evaluation.exports import alpaca_eval_folder
@@ -59,6 +60,7 @@ class EvalReport:
     leakage: dict
     calibration: dict | None = None  # eval/calibration.json, or None before `koala judge calibrate`
     card: dict | None = None  # eval/judge_card.json, or None before `koala judge card`
+    health: dict = field(default_factory=dict)  # model -> empty / cut / degenerate answer counts (answer_health)
     models: dict = field(default_factory=dict)  # generations/models.json: what each model is
     comparisons: list[dict] = field(default_factory=list)  # one row per source x pair x test set (and "all")
     agreement: dict = field(default_factory=dict)  # source -> Agreement fields
@@ -87,12 +89,22 @@ class EvalReport:
         frame.attrs["notes"] = self.table_notes()
         return frame
 
+    def health_table(self):
+        """Per model: its answers (prompts the leakage filter kept) that are empty, cut at the token limit, or
+        degenerate (a template turn marker in the answer, or repetition)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"model": m, **h} for m, h in self.health.items()])
+
     def table_notes(self) -> str:
         margin = self.cfg.eval.judge.tie_margin
+        ruled = int(self.judge.get("by_rule", 0))
+        rule = (f"; {ruled} pairs holding an empty answer were judged by rule (the non-empty answer wins, two empty "
+                f"answers tie), not by the judge" if ruled else "")
         return (f"better / tie / worse and the hard win rate count hard verdicts (a soft preference within {margin:g} of 0.5 "
                 f"is a tie; AlpacaEval's discrete_win_rate has no such margin); the soft win rate is the mean preference, "
                 f"AlpacaEval's win_rate on the row's file; {LC_NAME}: AlpacaEval's GLM fit with its model and "
-                f"tanh(standardised length difference) terms only (no instruction difficulty), predicted at equal length")
+                f"tanh(standardised length difference) terms only (no instruction difficulty), predicted at equal length{rule}")
 
     def judge_line(self) -> str:
         """Which judge, how it read its verdicts, and how often it agrees with human labels."""
@@ -136,7 +148,7 @@ class EvalReport:
             "calibration": self.calibration, "judge_card": self.card, "models": self.models,
             "leakage": {k: self.leakage.get(k) for k in ("threshold",)} | {
                 "removed": [r["id"] for r in self.leakage.get("removed", [])], "kept": len(self.leakage.get("kept", []))},
-            "comparisons": self.comparisons, "agreement": self.agreement, "position_bias": self.position_bias,
+            "answer_health": self.health, "comparisons": self.comparisons, "agreement": self.agreement, "position_bias": self.position_bias,
             "bradley_terry": self.ratings,
             "published": {"rows": BLOG.rows(), "source": BLOG.source, "url": BLOG.url, "precision": BLOG.precision},
             "figures": {k: str(v) for k, v in self.figures.items()},
@@ -151,7 +163,11 @@ class EvalReport:
         if self.calibration and self.calibration.get("judged"):
             out["judge_human_agreement"] = round(self.calibration["agreement"], 3)
             out["judge_calibration_pairs"] = self.calibration["judged"]
+        for model, h in self.health.items():
+            for kind in ("empty", "cut", "degenerate"):
+                out[f"answer_health/{model}/{kind}"] = h[kind]
         if self.judge:
+            out["judged_by_rule"] = int(self.judge.get("by_rule", 0))
             c = self.card or {}
             out["judge_card"] = {"fit": bool(c.get("fit")), "reasons": c.get("reasons", ["judge card not measured"]),
                                  **{k: c.get(k) for k in ("position_consistency", "canary_accuracy", "length_coef", "human_agreement")}}
@@ -182,7 +198,8 @@ def length_controlled(judgments: list, a: str, b: str, test_set: str | None, len
     prompt-bootstrap interval; {"lc_missing": n} when the answers' lengths are unknown."""
     every = [j.oriented(a, b) for j in judgments if {j.model_a, j.model_b} == {a, b} and test_set in (None, j.test_set)]
     known = lambda j: (a, j.test_set, j.prompt_id) in lengths and (b, j.test_set, j.prompt_id) in lengths
-    chosen = [j for j in every if known(j)]  # a judgment of answers stage 4 no longer holds has no lengths: counted
+    # sorted as the exported files are (by test set and prompt id): the fit's CV folds follow the row order
+    chosen = sorted((j for j in every if known(j)), key=lambda j: (j.test_set, j.prompt_id))  # no lengths: counted below
     keys = [((a, j.test_set, j.prompt_id), (b, j.test_set, j.prompt_id)) for j in chosen]
     if not chosen:
         return {"lc_missing": len(every)}
@@ -208,13 +225,17 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     judgments = all_judgments(cfg)
     from koala_lib.inference.answers import read_models
 
-    report = EvalReport(cfg, judge, leakage, read_calibration(cfg), read_card(cfg), read_models(cfg))
-    try:
-        lengths = {(m, r["test_set"], r["id"]): len(r["output"]) for m, rows in load_answers(cfg).items() for r in rows}
-    except FileNotFoundError:  # judgments imported without stage 4's answers: no length control
-        lengths = {}
-    seed, n_boot = cfg.seed, cfg.eval.bootstrap
+    report = EvalReport(cfg, judge, leakage, calibration=read_calibration(cfg), card=read_card(cfg), models=read_models(cfg))
     removed = {r["id"] for r in leakage.get("removed", [])}
+    try:
+        answers = load_answers(cfg)
+    except FileNotFoundError:  # judgments imported without stage 4's answers: no length control, no health
+        answers = {}
+    lengths = {(m, r["test_set"], r["id"]): len(r["output"]) for m, rows in answers.items() for r in rows}
+    judged_models = {m for j in judgments for m in (j.model_a, j.model_b)}
+    report.health = answer_health({m: rows for m, rows in answers.items() if m in judged_models}, turn_markers(cfg),
+                                  keep=lambda r: f"{r['test_set']}/{r['id']}" not in removed)
+    seed, n_boot = cfg.seed, cfg.eval.bootstrap
     for source in sorted({j.source for j in judgments}):
         mine = [j for j in judgments if j.source == source]
         pairs = list(dict.fromkeys(frozenset((j.model_a, j.model_b)) for j in mine))
@@ -246,6 +267,10 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     note = report.judge_line() if source == "llm" else ""
     if outcomes:
         note += f"\n{sum(outcomes.values())} pairs judged in both orders: {outcomes.get('no_verdict', 0)} without a verdict (left out)"
+        if judge.get("by_rule"):
+            note += f"; {judge['by_rule']} holding an empty answer judged by rule"
+    if report.health:
+        note += "\n" + health_line(report.health)
     ours = {t: [] for t in BLOG.panels} | ours_panels([r for r in report.comparisons if r["source"] == source], report.models)
     stamp = ""
     if source == "llm" and judge and not (report.card or {}).get("fit"):

@@ -113,27 +113,35 @@ class Judged:
 def run_judge(cfg: Config, progress: bool = True) -> Judged:
     """Judge every item with `eval.judge` (or, when its base_url is empty, with the kit's own server running the
     base model); writes `eval/judgments/llm.jsonl`, `eval/judge.json`, and the same judgments in AlpacaEval's
-    and FastChat's layouts, one folder per comparison and test set (`evaluation/exports.py`)."""
+    and FastChat's layouts, one folder per comparison and test set (`evaluation/exports.py`). A pair holding an
+    empty answer is judged by rule, not sent (`answer_health.split_by_rule`)."""
+    from koala_lib.evaluation.answer_health import split_by_rule
     from koala_lib.evaluation.exports import write_exports
     from koala_lib.evaluation.judge import judge_endpoint, judge_with
 
     items = items_to_judge(cfg)
+    to_judge, ruled = split_by_rule(items)
     with judge_endpoint(cfg) as endpoint:
-        result = judge_with(endpoint, items, cfg, progress)
+        result = judge_with(endpoint, to_judge, cfg, progress)
     out = judgments_dir(cfg) / "llm.jsonl"
-    write_judgments(out, result.judgments)
+    order = {it.key: i for i, it in enumerate(items)}
+    key = lambda j: order[f"{j.test_set}/{j.prompt_id}/{j.model_a}/{j.model_b}"]
+    write_judgments(out, sorted([*result.judgments, *ruled], key=key))  # in the items' order, as the exports
     write_judgments(eval_dir(cfg) / "llm_games.jsonl", result.games)
     for old in ("alpaca_eval", "fastchat"):  # this run's comparisons only
         shutil.rmtree(eval_dir(cfg) / old, ignore_errors=True)
-    write_exports(eval_dir(cfg), items, result.judgments, result.fastchat_rows, result.judge)
+    fastchat = {it.key: row for it, row in zip(to_judge, result.fastchat_rows)}
+    write_exports(eval_dir(cfg), items, [*result.judgments, *ruled], fastchat, result.judge)
     atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
         "judge": result.judge, "weak": endpoint.weak, "mode": result.mode, "mode_note": result.mode_note,
-        "pairs": len(items), "judgments": len(result.judgments), "outcomes": dict(result.outcomes),
+        "pairs": len(items), "sent_to_judge": len(to_judge), "by_rule": len(ruled),
+        "judgments": len(result.judgments) + len(ruled), "outcomes": dict(result.outcomes),
         "errors": dict(result.errors), "calls": result.calls, "cache_hits": result.cache_hits,
         "identity": endpoint.identity, "seconds": round(result.seconds, 2)}, indent=2) + "\n")
-    print(f"judge {result.judge}: {len(result.judgments)} of {len(items)} pairs judged ({result.mode} verdicts"
+    print(f"judge {result.judge}: {len(result.judgments)} of {len(to_judge)} pairs judged ({result.mode} verdicts"
           + (f"; {result.mode_note}" if result.mode_note else "") + f") in {result.seconds:.0f} s; "
-          f"{result.calls} calls sent, {result.cache_hits} answered from the cache {cfg.call_cache_path}")
+          f"{result.calls} calls sent, {result.cache_hits} answered from the cache {cfg.call_cache_path}; "
+          f"{len(ruled)} pairs with an empty answer judged by rule")
     return Judged(result, endpoint.weak, out)
 
 
@@ -157,6 +165,8 @@ def plan_calls(cfg: Config) -> dict:
     from koala_lib.evaluation.judge import _messages, _request, cut, local_identity
     from koala_lib.evaluation.judge_card import probe_items
 
+    from koala_lib.evaluation.answer_health import split_by_rule
+
     j = cfg.eval.judge
     mode = "text" if j.mode == "text" else "logprobs"
     notes, parts = [], {}
@@ -166,6 +176,9 @@ def plan_calls(cfg: Config) -> dict:
         answers = load_answers(cfg)
         parts["comparisons"] = pair_items(answers, comparisons(cfg, list(answers)))
         notes.append(f"comparisons counted before the leakage filter ({exc})")
+    parts["comparisons"], ruled = split_by_rule(parts["comparisons"])
+    if ruled:
+        notes.append(f"{len(ruled)} comparison pairs hold an empty answer: judged by rule, not sent")
     try:
         parts["calibration"] = labelled_pairs(cfg)[0]
     except FileNotFoundError as exc:
