@@ -226,6 +226,7 @@ class GenerateConfig:
     native_template: tuple[str, ...] = doc(("base",), "models (by name, or `extra` for every generate.extra model) that answer through their tokenizer's own chat template when it has one, instead of Koala's")
     endpoint: EndpointConfig = doc(EndpointConfig, "the OpenAI-compatible endpoint of `openai:MODEL` answerers")
     max_new_tokens: int = doc(256, "new tokens per answer at most")
+    min_new_tokens: int = doc(0, "the end-of-turn token is not drawn before this many new tokens (transformers' min_new_tokens, vLLM's min_tokens); 0 = off")
     temperature: float = doc(0.0, "sampling temperature; 0 = greedy (reproducible answers)")
     top_p: float = doc(1.0, "nucleus sampling mass; 1 = off")
     top_k: int = doc(0, "sample among the k most likely tokens; 0 = off")

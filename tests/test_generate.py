@@ -260,3 +260,39 @@ def test_top_k_and_top_p_on_candidates_keep_what_a_full_sort_keeps(monkeypatch):
         monkeypatch.setattr(sampling, "CANDIDATES", candidates)
         got = jax.jit(sampling.kept_threshold)(jnp.asarray(row[None]), jnp.ones(1, bool), jnp.full(1, 0.5), jnp.full(1, 300))
         assert float(got[0]) == pytest.approx(row[0])
+
+
+class EndsAt(CharTokenizer):
+    """CharTokenizer whose end-of-sequence id is `eos` (the debug model's own EOS id, 0, stays one too)."""
+
+    def __init__(self, eos: int):
+        self.eos_token_id = eos
+
+
+def test_min_new_tokens_holds_back_an_end_of_sequence_the_model_would_draw_first(debug_model):
+    prompt = [10, 20, 30]
+    free = Generator(debug_model, CharTokenizer()).generate([prompt], Sampling(max_new_tokens=6, stop=(), logprobs=3))[0]
+    first, runner_up = free.tokens[0], free.logprobs[0].top[1][0]
+    gen = Generator(debug_model, EndsAt(first))  # the greedy first token is now an end of sequence
+    stopped = gen.generate([prompt], Sampling(max_new_tokens=6, stop=()))[0]
+    assert stopped.tokens == [] and stopped.text == "" and stopped.finish_reason == "stop"  # an empty answer
+    held = gen.generate([prompt, prompt], [Sampling(max_new_tokens=6, stop=(), min_new_tokens=2), Sampling(max_new_tokens=6, stop=())])
+    assert held[0].tokens[0] == runner_up and first not in held[0].tokens[:2] and len(held[0].tokens) >= 2
+    assert held[1].tokens == []  # rows of one batch keep their own setting
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        Sampling(min_new_tokens=-1)
+
+
+def test_min_new_tokens_in_the_continuous_batcher(debug_model):
+    from koala_lib.inference.scheduler import ContinuousBatcher
+
+    prompt = [10, 20, 30]
+    first = Generator(debug_model, CharTokenizer()).generate([prompt], Sampling(max_new_tokens=2, stop=()))[0].tokens[0]
+    batcher = ContinuousBatcher(Generator(debug_model, EndsAt(first)), slots=2, max_queue=4)
+    try:
+        jobs = [batcher.submit(prompt, Sampling(max_new_tokens=5, stop=(), min_new_tokens=m), lambda e: None) for m in (0, 3)]
+        assert all(job.done.wait(300) for job in jobs)
+        plain, held = (job.result for job in jobs)
+    finally:
+        batcher.close()
+    assert plain.tokens == [] and len(held.tokens) >= 3 and first not in held.tokens[:3]

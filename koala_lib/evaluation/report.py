@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from koala_lib.config import Config
+from koala_lib.config import Config, ConfigError
 from koala_lib.evaluation.answer_health import answer_health, health_line, turn_markers
 from koala_lib.evaluation.calibration import read_calibration
 from koala_lib.evaluation.judge import WEAK_JUDGE_NOTE
@@ -24,7 +24,7 @@ from koala_lib.evaluation.length_control import NAME as LC_NAME
 from koala_lib.evaluation.length_control import lc_interval, lc_win_rate
 from koala_lib.evaluation.pairwise import agreement, bradley_terry, compare, position_bias, soft
 from koala_lib.evaluation.published import BLOG
-from koala_lib.evaluation.stage import all_judgments, eval_dir, load_answers
+from koala_lib.evaluation.stage import all_judgments, comparisons, eval_dir, load_answers
 from koala_lib.files import atomic_text
 
 SOURCE_TITLES = {"llm": "LLM judge", "rater": "raters (koala rate)", "mturk": "MTurk workers"}
@@ -232,7 +232,11 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
     except FileNotFoundError:  # judgments imported without stage 4's answers: no length control, no health
         answers = {}
     lengths = {(m, r["test_set"], r["id"]): len(r["output"]) for m, rows in answers.items() for r in rows}
-    judged_models = {m for j in judgments for m in (j.model_a, j.model_b)}
+    try:  # the models of the comparisons, whether or not the judge gave verdicts
+        judged_models = {m for pair in comparisons(cfg, list(answers)) for m in pair} if answers else set()
+    except ConfigError:  # answers of other models than the profile names (imported judgments)
+        judged_models = set(answers)
+    judged_models |= {m for j in judgments for m in (j.model_a, j.model_b)}
     report.health = answer_health({m: rows for m, rows in answers.items() if m in judged_models}, turn_markers(cfg),
                                   keep=lambda r: f"{r['test_set']}/{r['id']}" not in removed)
     seed, n_boot = cfg.seed, cfg.eval.bootstrap

@@ -130,7 +130,7 @@ def sampling(cfg: Config, stops: tuple[str, ...] | None = None):
 
     g = cfg.generate
     return Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                    stop=tuple(g.stop if stops is None else stops), seed=cfg.seed)
+                    stop=tuple(g.stop if stops is None else stops), seed=cfg.seed, min_new_tokens=g.min_new_tokens)
 
 
 def generate_answers(cfg: Config, who: Answerer, prompts: list[TestPrompt], progress: bool = True) -> tuple[list[dict], dict]:

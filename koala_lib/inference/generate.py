@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from koala_lib.inference.rows import Completion, Row, TokenEvent, TokenLogprob, held_back  # noqa: F401 (re-exported)
-from koala_lib.inference.sampling import TOP_LOGPROBS, Sampling, penalize, row_settings, sample, score  # noqa: F401
+from koala_lib.inference.sampling import TOP_LOGPROBS, Sampling, hold_eos, penalize, row_settings, sample, score  # noqa: F401
 from koala_lib.model.llama import Llama
 
 
@@ -99,6 +99,7 @@ class Generator:
         self.min_prompt_bucket = min_prompt_bucket
         eos = {tokenizer.eos_token_id, model.cfg.eos_token_id}
         self.eos_ids = {int(e) for e in eos if e is not None}
+        self.eos_order = tuple(sorted(self.eos_ids))  # a static tuple for the jitted steps
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0))
         # q/k/v and gate/up fused into one matmul each: the same function, fewer small matmuls per decode step
         self.graphdef, self.state = nnx.split(model.fused() if fuse else model)
@@ -114,7 +115,8 @@ class Generator:
     def _prefill_fn(self, state, tokens, positions, valid, cache, knobs, scored):
         model = nnx.merge(self.graphdef, state)
         logits, cache = model.extend(tokens, positions, valid, cache, 0, last_only=True)
-        token = sample(logits[:, 0], knobs["keys"], 0, knobs["temperature"], knobs["top_p"], knobs["top_k"])
+        chosen = hold_eos(logits[:, 0], self.eos_order, 0, knobs["min_new"])
+        token = sample(chosen, knobs["keys"], 0, knobs["temperature"], knobs["top_p"], knobs["top_k"])
         counts = jnp.zeros((tokens.shape[0], logits.shape[-1]), jnp.int32).at[jnp.arange(tokens.shape[0]), token].add(1)
         return token, score(logits[:, 0], token, scored), cache, counts
 
@@ -122,7 +124,7 @@ class Generator:
         model = nnx.merge(self.graphdef, state)
         valid = valid.at[:, index].set(True)
         logits, cache = model.extend(token[:, None], lengths[:, None], valid, cache, index, last_only=True)
-        chosen = penalize(logits[:, 0], counts, knobs["frequency"], knobs["presence"])
+        chosen = hold_eos(penalize(logits[:, 0], counts, knobs["frequency"], knobs["presence"]), self.eos_order, step, knobs["min_new"])
         token = sample(chosen, knobs["keys"], step, knobs["temperature"], knobs["top_p"], knobs["top_k"])
         counts = counts.at[jnp.arange(token.shape[0]), token].add(1)
         return token, score(logits[:, 0], token, scored), lengths + 1, valid, cache, counts

@@ -6,6 +6,7 @@ that names the field (`param`), and nothing one request carries can reach anothe
     max_tokens (chat: or max_completion_tokens)  >= 1          temperature        0 to 2
     top_p                                        0 to 1        n                  1 (one choice per request)
     frequency_penalty, presence_penalty          -2 to 2       seed               any 64-bit integer
+    min_tokens (vLLM's extension)                >= 0
     stop                                         a string or at most 4, each at most 256 characters
     logprobs / top_logprobs                      chat: bool / 0 to 20; completions: 0 to 20
 
@@ -66,6 +67,7 @@ class _Body(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-turn token before this many tokens
     logit_bias: Any = None  # the UNSUPPORTED fields: declared so that a value is refused by name, not ignored
     response_format: Any = None
     tools: Any = None
@@ -80,7 +82,7 @@ class _Body(BaseModel):
             raise ValueError(f"not supported by this server: it would change the answer, and it is not implemented")
         return value
 
-    @field_validator("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", mode="before")
+    @field_validator("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "min_tokens", mode="before")
     @classmethod
     def _null_is_default(cls, value, info):  # OpenAI's API takes null for "the default"
         return cls.model_fields[info.field_name].default if value is None else value

@@ -36,6 +36,7 @@ class Sampling:
     logprobs: int | None = None  # report each token's log-probability and this many alternatives; None = off
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    min_new_tokens: int = 0  # the end-of-sequence token is not drawn before this many tokens (transformers' min_new_tokens)
 
     def __post_init__(self):
         checks = {
@@ -47,6 +48,7 @@ class Sampling:
             "logprobs": self.logprobs is None or 0 <= self.logprobs <= TOP_LOGPROBS,
             "frequency_penalty": -2.0 <= self.frequency_penalty <= 2.0,
             "presence_penalty": -2.0 <= self.presence_penalty <= 2.0,
+            "min_new_tokens": self.min_new_tokens >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -75,6 +77,7 @@ def row_settings(params: list[Sampling], rows: int) -> dict[str, np.ndarray]:
         "top_k": np.array([p.top_k for p in padded], np.int32),
         "frequency": np.array([p.frequency_penalty for p in padded], np.float32),
         "presence": np.array([p.presence_penalty for p in padded], np.float32),
+        "min_new": np.array([p.min_new_tokens for p in padded], np.int32),
     }
 
 
@@ -90,6 +93,19 @@ def penalize(logits, counts, frequency, presence):
         return logits - frequency[:, None] * used - presence[:, None] * (used > 0)
 
     return jax.lax.cond(jnp.any(frequency != 0) | jnp.any(presence != 0), apply, lambda _: logits, None)
+
+
+def hold_eos(logits, eos_ids: tuple[int, ...], step, min_new):
+    """Logits [B, V] with the end-of-sequence ids at -inf in the rows that have generated fewer than `min_new` [B]
+    tokens; `step` (scalar or [B]) is how many they have. Skipped (no work) when every `min_new` is 0."""
+    if not eos_ids:
+        return logits
+
+    def apply(_):
+        early = jnp.broadcast_to(jnp.asarray(step, jnp.int32), min_new.shape) < min_new  # [B]
+        return jnp.where(early[:, None], logits.at[:, jnp.asarray(eos_ids)].set(-jnp.inf), logits)
+
+    return jax.lax.cond(jnp.any(min_new > 0), apply, lambda _: logits, None)
 
 
 CANDIDATES = 256  # top-k / top-p look at this many most likely tokens first; a full sort only where they fall short

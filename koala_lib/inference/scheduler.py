@@ -48,7 +48,7 @@ def cache_bucket(n: int, minimum: int) -> int:
         return bucket(n, minimum)
     return max(minimum, -(-int(n) // CACHE_STEP) * CACHE_STEP)
 from koala_lib.inference.rows import Row, TokenLogprob
-from koala_lib.inference.sampling import Sampling, penalize, row_settings, sample, score
+from koala_lib.inference.sampling import Sampling, hold_eos, penalize, row_settings, sample, score
 
 
 @dataclass
@@ -123,7 +123,8 @@ class ContinuousBatcher:
         model = nnx.merge(self.gen.graphdef, state)
         t = tokens.shape[1]
         logits, own = model.extend(tokens, positions, valid, self.gen.init_cache(1, t), 0, last_only=True)
-        first = sample(logits[:, 0], knobs["keys"], 0, knobs["temperature"], knobs["top_p"], knobs["top_k"])
+        held = hold_eos(logits[:, 0], self.gen.eos_order, 0, knobs["min_new"])
+        first = sample(held, knobs["keys"], 0, knobs["temperature"], knobs["top_p"], knobs["top_k"])
         put = lambda full, part: jax.lax.dynamic_update_slice(full, part, (row,) + (0,) * (full.ndim - 1))
         vocab = dev["counts"].shape[1]
         dev = {
@@ -144,6 +145,7 @@ class ContinuousBatcher:
         valid = dev["valid"].at[rows, dev["write"]].set(active | dev["valid"][rows, dev["write"]])
         logits, cache = model.extend(dev["token"][:, None], dev["lengths"][:, None], valid, dev["cache"], dev["write"], last_only=True)
         chosen = penalize(logits[:, 0], dev["counts"], knobs["frequency"], knobs["presence"])
+        chosen = hold_eos(chosen, self.gen.eos_order, dev["steps"], knobs["min_new"])
         token = sample(chosen, knobs["keys"], dev["steps"], knobs["temperature"], knobs["top_p"], knobs["top_k"])
         token = jnp.where(active, token, dev["token"])
         step = active.astype(jnp.int32)

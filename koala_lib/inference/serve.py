@@ -164,6 +164,7 @@ def create_app(
             max_new_tokens=body.token_limit() or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
             stop=tuple(dict.fromkeys([*extra_stops, *body.stops()])), seed=body.seed if body.seed is not None else int(time.time_ns() % 2**63),
             logprobs=body.logprob_count(), frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+            min_new_tokens=body.min_tokens,
         )
         return ids, sampling
 
