@@ -173,6 +173,13 @@ class TestSetsConfig:
 
 
 @dataclass(frozen=True)
+class PanelJudgeConfig:
+    base_url: str = doc("", "an OpenAI-compatible endpoint; empty = the kit's own server running the base model")
+    model: str = doc("", "the judge model's name at that endpoint; empty = the model the endpoint serves")
+    api_key_env: str = doc("OPENAI_API_KEY", "environment variable that holds the endpoint's API key")
+
+
+@dataclass(frozen=True)
 class JudgeConfig:
     base_url: str = doc("", "an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1; empty = the kit's own server running the base model (offline, a weak judge)")
     model: str = doc("", "the judge model's name at that endpoint; empty = the model the endpoint serves")
@@ -183,6 +190,9 @@ class JudgeConfig:
     max_tokens: int = doc(512, "text mode: reply tokens per judgment at most (the verdict comes last)")
     max_answer_chars: int = doc(4000, "each question and answer shown to the judge is cut to this many characters (marked as cut)")
     concurrency: int = doc(8, "judge requests in flight at once")
+    panel: tuple[PanelJudgeConfig, ...] = doc((), "several judges (each base_url, model, api_key_env; the other settings above are shared) whose verdicts are combined, each with its own card; empty = the one judge above")
+    panel_verdict: Literal["mean", "majority"] = doc("mean", "a panel's verdict: the mean of its judges' soft preferences, or the majority of their hard verdicts (a tie without one)")
+    panel_drop_unfit: bool = doc(False, "leave judges whose card is unfit out of the panel's verdict (once their cards are measured; their own verdicts are kept)")
     max_retries: int = doc(2, "retries per judge request (with the client's backoff) before the game is counted as failed; the kit's own server gets none")
 
 

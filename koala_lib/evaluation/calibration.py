@@ -167,23 +167,35 @@ def calibration_path(cfg: Config) -> Path:
 
 
 def calibrate(cfg: Config, progress: bool = True) -> Calibration:
-    """Judge the held-out labelled pairs with the profile's judge; writes `eval/calibration.json` and the
-    single judgments to `eval/calibration/judgments.jsonl` (not with stage 5's judgments, which compare models)."""
-    from koala_lib.evaluation.judge import judge_endpoint, judge_with
-
+    """Judge the held-out labelled pairs with the profile's judge (or panel); writes `eval/calibration.json` and the
+    single judgments to `eval/calibration/judgments.jsonl` (not with stage 5's judgments, which compare models).
+    A panel's members get their own figure too (`eval/panel/<i>/calibration.json`), which their cards read."""
     from koala_lib.evaluation.judge import JudgeResult
+    from koala_lib.evaluation.panel import judge_items
 
     items, skipped = labelled_pairs(cfg)
     if items:
-        with judge_endpoint(cfg) as endpoint:
-            result = judge_with(endpoint, items, cfg, progress)
+        result = judge_items(cfg, items, "calibration", progress)
     else:  # nothing to judge: said in the line, not an error (a small profile may hold no labelled pair out)
         result = JudgeResult(judge="-", mode="-")
+    cal = write_calibration(cfg, items, skipped, result)
+    print(cal.line())
+    return cal
+
+
+def write_calibration(cfg: Config, items: list[PairItem], skipped: Counter, result) -> Calibration:
+    """`eval/calibration.json` (and each panel member's) from a JudgeResult over the labelled items."""
+    from koala_lib.evaluation.panel import load_member, panel_dir
+
     cal = summarise(result, items, skipped, cfg.eval.bootstrap, cfg.seed)
     folder = cfg.run_dir / "eval"
     write_judgments(folder / "calibration" / "judgments.jsonl", result.judgments)
     atomic_text(calibration_path(cfg), json.dumps(cal.to_json(), indent=2) + "\n")
-    print(cal.line())
+    for i in range(len(cfg.eval.judge.panel)):
+        member = load_member(cfg, i, "calibration")
+        if member is not None:
+            own = summarise(member, items, skipped, cfg.eval.bootstrap, cfg.seed)
+            atomic_text(panel_dir(cfg) / str(i) / "calibration_summary.json", json.dumps(own.to_json(), indent=2) + "\n")
     return cal
 
 

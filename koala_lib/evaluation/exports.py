@@ -61,13 +61,17 @@ def _dump(path: Path, rows) -> None:
     atomic_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_exports(eval_folder: Path, items: Sequence[PairItem], judgments: Sequence, fastchat_rows: dict[str, dict],
+def write_exports(eval_folder: Path, items: Sequence[PairItem], judgments: Sequence, fastchat_rows: Sequence[dict],
                   annotator: str) -> dict[tuple[str, str, str], Path]:
     """Write every comparison's AlpacaEval and FastChat files; returns (test_set, model, opponent) -> annotations.
 
     `judgments` are the LLM judge's (one per judged pair, oriented as the items), and those by rule (their `judge`
-    names the rule, kept as `judged_by`; the file keeps one annotator, as AlpacaEval's LC expects); `fastchat_rows` maps an item's key to its FastChat row (items the
+    names the rule, kept as `judged_by`; the file keeps one annotator, as AlpacaEval's LC expects); `fastchat_rows`
+    are FastChat's rows (`question_id` is `test_set/prompt_id`; a panel has one per member and item; items the
     judge never saw have none)."""
+    by_item: dict[str, list[dict]] = {}
+    for row in fastchat_rows:
+        by_item.setdefault(f"{row['question_id']}/{row['model_1']}/{row['model_2']}", []).append(row)
     by_key = {(j.test_set, j.prompt_id, j.model_a, j.model_b): j for j in judgments}
     groups: dict[tuple[str, str, str], list[int]] = {}
     for i, item in enumerate(items):
@@ -83,6 +87,6 @@ def write_exports(eval_folder: Path, items: Sequence[PairItem], judgments: Seque
         _dump(folder / "reference_outputs.json", _outputs(chosen, "b"))
         path = fastchat_file(eval_folder, test_set, model, opponent)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_text(path, "".join(json.dumps(fastchat_rows[it.key], ensure_ascii=False) + "\n" for it in chosen if it.key in fastchat_rows))
+        atomic_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for it in chosen for row in by_item.get(it.key, ())))
         written[(test_set, model, opponent)] = folder / "annotations.json"
     return written

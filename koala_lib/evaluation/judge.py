@@ -135,6 +135,19 @@ class JudgeResult:
     cache_hits: int = 0  # games answered from the cache, not sent
     drift: list = field(default_factory=list)  # games asked again that changed verdict against the cache
     seconds: float = 0.0
+    identity: str = ""  # the judge's identity in the call cache (set by judge_with)
+    weak: bool = False  # the kit's own small base model judged
+
+    def to_json(self) -> dict:
+        """Plain JSON (a panel member's result is kept this way, to combine again without calls)."""
+        return {**{k: v for k, v in vars(self).items() if k not in ("judgments", "games")},
+                "judgments": [j.to_row() for j in self.judgments], "games": [g.to_row() for g in self.games]}
+
+    @classmethod
+    def from_json(cls, row: dict) -> "JudgeResult":
+        rest = {k: v for k, v in row.items() if k not in ("judgments", "games", "outcomes", "errors")}
+        return cls(**rest, judgments=[Judgment.from_row(j) for j in row["judgments"]], games=[Judgment.from_row(g) for g in row["games"]],
+                   outcomes=Counter(row["outcomes"]), errors=Counter(row["errors"]))
 
 
 def cut(text: str, limit: int | None) -> str:
@@ -382,6 +395,8 @@ def judge_with(endpoint: JudgeEndpoint, items: Sequence[PairItem], cfg, progress
                fresh: Sequence[str] = ()) -> JudgeResult:
     """`judge_pairs` with the profile's `eval.judge` settings."""
     j = cfg.eval.judge
-    return judge_pairs(items, endpoint.client, endpoint.model, j.max_tokens, j.concurrency, progress, endpoint.name,
-                       mode=j.mode, top_logprobs=j.top_logprobs, tie_margin=j.tie_margin, max_chars=j.max_answer_chars,
-                       cache=endpoint.cache, identity=endpoint.identity, fresh=fresh)
+    result = judge_pairs(items, endpoint.client, endpoint.model, j.max_tokens, j.concurrency, progress, endpoint.name,
+                         mode=j.mode, top_logprobs=j.top_logprobs, tie_margin=j.tie_margin, max_chars=j.max_answer_chars,
+                         cache=endpoint.cache, identity=endpoint.identity, fresh=fresh)
+    result.identity, result.weak = endpoint.identity, endpoint.weak
+    return result

@@ -91,6 +91,7 @@ class JudgeCard:
     reasons: list = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
     calls: int = 0  # requests sent to the judge for the probes
+    members: list = field(default_factory=list)  # a panel's judges: index, judge, fit, reasons, kept
     cache_hits: int = 0  # probe games answered from the call cache
     drift_checked: int = 0  # canary pairs asked again although cached (an endpoint judge)
     drift: list = field(default_factory=list)  # games among them whose verdict differs from the cached one
@@ -118,6 +119,9 @@ class JudgeCard:
                f"  agreement with human labels    {pct(self.human_agreement)}{ci(self.human_agreement_ci)} ({self.human_pairs} pairs)"]
         if self.drift_checked:
             out.append(f"  drift                          {self.drift_line()}")
+        for m in self.members:
+            verdict = "fit" if m["fit"] else "unfit: " + "; ".join(m["reasons"])
+            out.append(f"  panel judge {m['index']} {m['judge']}: {verdict}{'' if m['kept'] else ' (left out of the verdict)'}")
         if not self.fit:
             out.append("  unfit: " + "; ".join(self.reasons))
         return out
@@ -256,35 +260,91 @@ def _self_models(cfg, models: dict[str, dict]) -> list[str]:
     return [m for m, info in models.items() if info.get("kind") == "openai" and same_place and info.get("what", "").startswith(f"openai:{j.model} ")]
 
 
+def _stage5(cfg) -> tuple[list, list, dict, dict]:
+    """(single games, judgments by the judge, outcome counts, answer lengths) of stage 5's comparisons, if judged."""
+    from koala_lib.evaluation.answer_health import RULE_JUDGE
+    from koala_lib.evaluation.stage import eval_dir, judgments_dir, load_answers, removed_queries
+
+    folder = eval_dir(cfg)
+    if not (folder / "judge.json").is_file():
+        return [], [], {}, {}
+    removed = removed_queries(cfg)
+    kept = lambda rows: [g for g in rows if f"{g.test_set}/{g.prompt_id}" not in removed and g.judge != RULE_JUDGE]
+    games = kept(read_judgments(folder / "llm_games.jsonl")) if (folder / "llm_games.jsonl").is_file() else []
+    judgments = kept(read_judgments(judgments_dir(cfg) / "llm.jsonl")) if (judgments_dir(cfg) / "llm.jsonl").is_file() else []
+    outcomes = json.loads((folder / "judge.json").read_text(encoding="utf-8")).get("outcomes", {})
+    lengths = {(m, r["test_set"], r["id"]): len(r["output"]) for m, rows in load_answers(cfg).items() for r in rows}
+    return games, judgments, outcomes, lengths
+
+
+def _card(cfg, probes, result, stage5, calibration, drift_checked: int) -> JudgeCard:
+    from koala_lib.inference.answers import read_models
+
+    games, judgments, outcomes, lengths = stage5
+    card = build_card(result.judge, result.mode, probes, result, games, judgments, outcomes, lengths,
+                      _self_models(cfg, read_models(cfg)), calibration, cfg.eval.card, min(cfg.eval.bootstrap, 200), cfg.seed)
+    card.drift_checked = drift_checked
+    _verdict(card, cfg.eval.card)
+    return card
+
+
+def _reform_panel(cfg) -> None:
+    """A panel's comparisons and calibration combined again from its kept members' saved results (no call)."""
+    from koala_lib.evaluation.answer_health import split_by_rule
+    from koala_lib.evaluation.calibration import calibration_path, labelled_pairs, write_calibration
+    from koala_lib.evaluation.panel import combined
+    from koala_lib.evaluation.stage import eval_dir, items_to_judge, write_comparisons
+
+    if (eval_dir(cfg) / "judge.json").is_file():
+        items = items_to_judge(cfg)
+        to_judge, ruled = split_by_rule(items)
+        write_comparisons(cfg, items, to_judge, ruled, combined(cfg, to_judge, "comparisons"))
+    if calibration_path(cfg).is_file():
+        items, skipped = labelled_pairs(cfg)
+        if items:
+            write_calibration(cfg, items, skipped, combined(cfg, items, "calibration"))
+
+
 def measure_card(cfg, progress: bool = True) -> JudgeCard:
     """Judge the probes with the profile's judge and build its card from them and from what stage 5 holds;
-    writes `eval/judge_card.json` and the probes' single games to `eval/card/games.jsonl`."""
+    writes `eval/judge_card.json` and the probes' single games to `eval/card/games.jsonl`. A panel: each member's
+    card first (`eval/panel/<i>/judge_card.json`), then, with `panel_drop_unfit`, the comparisons and calibration
+    formed again from the fit members, and the card of the panel's combined verdicts."""
     from koala_lib.evaluation.calibration import read_calibration
     from koala_lib.evaluation.judge import judge_endpoint, judge_with
     from koala_lib.evaluation.judgments import write_judgments
-    from koala_lib.evaluation.stage import eval_dir, judgments_dir, load_answers, removed_queries
+    from koala_lib.evaluation.panel import combined, kept_members, load_member, member_configs, panel_dir, save_member
+    from koala_lib.evaluation.stage import eval_dir
     from koala_lib.files import atomic_text
-    from koala_lib.inference.answers import read_models
 
     probes = probe_items()
-    with judge_endpoint(cfg) as endpoint:
-        # an endpoint's model can change under the same name: some canaries are asked again, and compared with the cache
-        fresh = [] if endpoint.weak else [it.key for it in probes if it.test_set == CANARY][:cfg.eval.card.drift_canaries]
-        result = judge_with(endpoint, probes, cfg, progress, fresh=fresh)
+    canaries = [it.key for it in probes if it.test_set == CANARY][:cfg.eval.card.drift_canaries]
+    # an endpoint's model can change under the same name: some canaries are asked again, and compared with the cache
+    fresh = lambda weak: [] if weak else canaries
+    if not cfg.eval.judge.panel:
+        with judge_endpoint(cfg) as endpoint:
+            result = judge_with(endpoint, probes, cfg, progress, fresh=fresh(endpoint.weak))
+        card = _card(cfg, probes, result, _stage5(cfg), read_calibration(cfg), len(fresh(result.weak)))
+    else:
+        members = []
+        _, _, _, lengths = _stage5(cfg)
+        for i, member in enumerate(member_configs(cfg)):
+            with judge_endpoint(member) as endpoint:
+                own = judge_with(endpoint, probes, member, progress, fresh=fresh(endpoint.weak))
+            save_member(cfg, i, "card", own)
+            compared = load_member(cfg, i, "comparisons")
+            stage5 = ([], [], {}, lengths) if compared is None else (compared.games, compared.judgments, compared.outcomes, lengths)
+            summary = panel_dir(cfg) / str(i) / "calibration_summary.json"
+            calibration = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+            members.append(_card(member, probes, own, stage5, calibration, len(fresh(own.weak))))
+            atomic_text(panel_dir(cfg) / str(i) / "judge_card.json", json.dumps(members[-1].to_json(), indent=2) + "\n")
+        _reform_panel(cfg)
+        kept = kept_members(cfg)
+        result = combined(cfg, probes, "card")
+        card = _card(cfg, probes, result, _stage5(cfg), read_calibration(cfg), 0)
+        card.members = [{"index": i, "judge": m.judge, "fit": m.fit, "reasons": m.reasons, "kept": i in kept}
+                        for i, m in enumerate(members)]
     folder = eval_dir(cfg)
-    games, judgments, outcomes, lengths = [], [], {}, {}
-    if (folder / "judge.json").is_file():  # stage 5's comparisons were judged: their games count too
-        removed = removed_queries(cfg)
-        kept = lambda rows: [g for g in rows if f"{g.test_set}/{g.prompt_id}" not in removed]
-        games = kept(read_judgments(folder / "llm_games.jsonl")) if (folder / "llm_games.jsonl").is_file() else []
-        judgments = kept(read_judgments(judgments_dir(cfg) / "llm.jsonl")) if (judgments_dir(cfg) / "llm.jsonl").is_file() else []
-        outcomes = json.loads((folder / "judge.json").read_text(encoding="utf-8")).get("outcomes", {})
-        lengths = {(m, r["test_set"], r["id"]): len(r["output"]) for m, rows in load_answers(cfg).items() for r in rows}
-    card = build_card(result.judge, result.mode, probes, result, games, judgments, outcomes, lengths,
-                      _self_models(cfg, read_models(cfg)), read_calibration(cfg), cfg.eval.card,
-                      min(cfg.eval.bootstrap, 200), cfg.seed)
-    card.drift_checked = len(fresh)
-    _verdict(card, cfg.eval.card)
     write_judgments(folder / "card" / "games.jsonl", result.games)
     atomic_text(card_path(cfg), json.dumps(card.to_json(), indent=2) + "\n")
     print("\n".join(card.lines()))

@@ -110,13 +110,25 @@ class EvalReport:
         """Which judge, how it read its verdicts, and how often it agrees with human labels."""
         if not self.judge:
             return "no LLM judge ran"
-        return self._agreement_line() + "\n" + self.card_line()
+        panel = self.panel_line()
+        return self._agreement_line() + ("\n" + panel if panel else "") + "\n" + self.card_line()
 
     def card_line(self) -> str:
         """The judge card's verdict: `judge fit`, `judge unfit: <reasons>`, or that no card was measured."""
         if not self.card:
             return "judge card not measured (koala judge card): fitness unknown"
         return "judge fit" if self.card["fit"] else "judge unfit: " + "; ".join(self.card["reasons"])
+
+    def panel_line(self) -> str:
+        """A panel's judges and how often each two agree (Cohen's kappa over better / tie / worse)."""
+        panel = self.judge.get("panel")
+        if not panel:
+            return ""
+        kappa = lambda k: "-" if k is None else f"{k:.2f}"
+        pairs = "; ".join(f"{r['a']} and {r['b']}: kappa {kappa(r['kappa'])} on {r['pairs']} pairs" for r in panel["agreement"])
+        dropped = [m["judge"] for m in panel["members"] if not m["kept"]]
+        return (f"panel verdict: {panel['verdict']} of {sum(m['kept'] for m in panel['members'])} judges"
+                + (f" ({', '.join(dropped)} left out: unfit)" if dropped else "") + (f"; {pairs}" if pairs else ""))
 
     def _agreement_line(self) -> str:
         weak = ", a weak judge" if self.judge.get("weak") else ""
@@ -167,6 +179,8 @@ class EvalReport:
             for kind in ("empty", "cut", "degenerate"):
                 out[f"answer_health/{model}/{kind}"] = h[kind]
         if self.judge:
+            for row in self.judge.get("panel", {}).get("agreement", []):
+                out.setdefault("judge_panel_kappa", {})[f"{row['a']} | {row['b']}"] = row["kappa"]
             out["judged_by_rule"] = int(self.judge.get("by_rule", 0))
             c = self.card or {}
             out["judge_card"] = {"fit": bool(c.get("fit")), "reasons": c.get("reasons", ["judge card not measured"]),

@@ -112,37 +112,54 @@ class Judged:
 
 def run_judge(cfg: Config, progress: bool = True) -> Judged:
     """Judge every item with `eval.judge` (or, when its base_url is empty, with the kit's own server running the
-    base model); writes `eval/judgments/llm.jsonl`, `eval/judge.json`, and the same judgments in AlpacaEval's
-    and FastChat's layouts, one folder per comparison and test set (`evaluation/exports.py`). A pair holding an
-    empty answer is judged by rule, not sent (`answer_health.split_by_rule`)."""
+    base model; or with every judge of `eval.judge.panel`, combined); writes `eval/judgments/llm.jsonl`,
+    `eval/judge.json`, and the same judgments in AlpacaEval's and FastChat's layouts, one folder per comparison and
+    test set (`evaluation/exports.py`). A pair holding an empty answer is judged by rule, not sent
+    (`answer_health.split_by_rule`)."""
     from koala_lib.evaluation.answer_health import split_by_rule
-    from koala_lib.evaluation.exports import write_exports
-    from koala_lib.evaluation.judge import judge_endpoint, judge_with
+    from koala_lib.evaluation.panel import judge_items
 
     items = items_to_judge(cfg)
     to_judge, ruled = split_by_rule(items)
-    with judge_endpoint(cfg) as endpoint:
-        result = judge_with(endpoint, to_judge, cfg, progress)
-    out = judgments_dir(cfg) / "llm.jsonl"
-    order = {it.key: i for i, it in enumerate(items)}
-    key = lambda j: order[f"{j.test_set}/{j.prompt_id}/{j.model_a}/{j.model_b}"]
-    write_judgments(out, sorted([*result.judgments, *ruled], key=key))  # in the items' order, as the exports
-    write_judgments(eval_dir(cfg) / "llm_games.jsonl", result.games)
-    for old in ("alpaca_eval", "fastchat"):  # this run's comparisons only
-        shutil.rmtree(eval_dir(cfg) / old, ignore_errors=True)
-    fastchat = {it.key: row for it, row in zip(to_judge, result.fastchat_rows)}
-    write_exports(eval_dir(cfg), items, [*result.judgments, *ruled], fastchat, result.judge)
-    atomic_text(eval_dir(cfg) / "judge.json", json.dumps({
-        "judge": result.judge, "weak": endpoint.weak, "mode": result.mode, "mode_note": result.mode_note,
-        "pairs": len(items), "sent_to_judge": len(to_judge), "by_rule": len(ruled),
-        "judgments": len(result.judgments) + len(ruled), "outcomes": dict(result.outcomes),
-        "errors": dict(result.errors), "calls": result.calls, "cache_hits": result.cache_hits,
-        "identity": endpoint.identity, "seconds": round(result.seconds, 2)}, indent=2) + "\n")
+    result = judge_items(cfg, to_judge, "comparisons", progress)
+    write_comparisons(cfg, items, to_judge, ruled, result)
     print(f"judge {result.judge}: {len(result.judgments)} of {len(to_judge)} pairs judged ({result.mode} verdicts"
           + (f"; {result.mode_note}" if result.mode_note else "") + f") in {result.seconds:.0f} s; "
           f"{result.calls} calls sent, {result.cache_hits} answered from the cache {cfg.call_cache_path}; "
           f"{len(ruled)} pairs with an empty answer judged by rule")
-    return Judged(result, endpoint.weak, out)
+    return Judged(result, result.weak, judgments_dir(cfg) / "llm.jsonl")
+
+
+def write_comparisons(cfg: Config, items: list[PairItem], to_judge: list[PairItem], ruled: list, result) -> None:
+    """Stage 5's judge files from a JudgeResult over `to_judge` and the judgments by rule (see run_judge)."""
+    from koala_lib.evaluation.exports import write_exports
+    from koala_lib.evaluation.panel import agreement_table, load_member, member_configs
+
+    order = {it.key: i for i, it in enumerate(items)}
+    key = lambda j: order[f"{j.test_set}/{j.prompt_id}/{j.model_a}/{j.model_b}"]
+    write_judgments(judgments_dir(cfg) / "llm.jsonl", sorted([*result.judgments, *ruled], key=key))  # the items' order
+    write_judgments(eval_dir(cfg) / "llm_games.jsonl", result.games)
+    for old in ("alpaca_eval", "fastchat"):  # this run's comparisons only
+        shutil.rmtree(eval_dir(cfg) / old, ignore_errors=True)
+    write_exports(eval_dir(cfg), items, [*result.judgments, *ruled], result.fastchat_rows, result.judge)
+    summary = {
+        "judge": result.judge, "weak": result.weak, "mode": result.mode, "mode_note": result.mode_note,
+        "pairs": len(items), "sent_to_judge": len(to_judge), "by_rule": len(ruled),
+        "judgments": len(result.judgments) + len(ruled), "outcomes": dict(result.outcomes),
+        "errors": dict(result.errors), "calls": result.calls, "cache_hits": result.cache_hits,
+        "identity": result.identity, "seconds": round(result.seconds, 2)}
+    if cfg.eval.judge.panel:
+        from koala_lib.evaluation.panel import kept_members
+
+        members = [load_member(cfg, i, "comparisons") for i in range(len(member_configs(cfg)))]
+        kept = kept_members(cfg)
+        summary["panel"] = {
+            "verdict": cfg.eval.judge.panel_verdict, "drop_unfit": cfg.eval.judge.panel_drop_unfit,
+            "members": [{"index": i, "judge": m.judge, "identity": m.identity, "weak": m.weak, "kept": i in kept,
+                         "judgments": len(m.judgments), "outcomes": dict(m.outcomes), "calls": m.calls}
+                        for i, m in enumerate(members) if m is not None],
+            "agreement": agreement_table({f"{i}: {m.judge}": m.judgments for i, m in enumerate(members) if m is not None})}
+    atomic_text(eval_dir(cfg) / "judge.json", json.dumps(summary, indent=2) + "\n")
 
 
 def all_judgments(cfg: Config) -> list:
