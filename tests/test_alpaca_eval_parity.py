@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from fastapi import FastAPI
+from fake_judge import letter_judge
 
 from koala_lib.evaluation.judge_card import probe_items
 from koala_lib.evaluation.report import build_report
@@ -43,23 +43,13 @@ def _answers(cfg):
 
 def _judge_app():
     """One letter with probabilities from quality and length: P(first better) = sigmoid(quality gap + length gap)."""
-    app = FastAPI()
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: dict):
-        user = body["messages"][-1]["content"]
-        a = user.split("[The start of assistant A's answer]\n")[1].split("\n[The end")[0]
-        b = user.split("[The start of assistant B's answer]\n")[1].split("\n[The end")[0]
+    def policy(a, b):
         quality = lambda t: int(t[1]) if t.startswith("q") and t[1:2].isdigit() else 0
-        z = 0.6 * (quality(a) - quality(b)) + 0.004 * (len(a) - len(b))
-        p_a = 1 / (1 + math.exp(-z))
-        top = [("A", 0.9 * p_a), ("B", 0.9 * (1 - p_a)), ("C", 0.1)]
-        rows = [{"token": t, "logprob": math.log(max(p, 1e-9)), "bytes": list(t.encode())} for t, p in top]
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "A"},
-                             "logprobs": {"content": [{**rows[0], "top_logprobs": rows}]}}]}
+        p_a = 1 / (1 + math.exp(-(0.6 * (quality(a) - quality(b)) + 0.004 * (len(a) - len(b)))))
+        return [("A", 0.9 * p_a), ("B", 0.9 * (1 - p_a)), ("C", 0.1)]
 
-    return app
+    return letter_judge(policy)
 
 
 @pytest.fixture(scope="module")

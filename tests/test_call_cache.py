@@ -13,7 +13,6 @@ import textwrap
 import time
 
 import openai
-import pytest
 from fastapi import FastAPI
 
 from koala_lib.call_cache import CallCache

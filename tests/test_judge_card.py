@@ -2,12 +2,11 @@
 logprobs verdicts) that always pick the first slot, always pick the longer answer, or always pick the better one."""
 
 import json
-import math
 from collections import Counter
 
 import openai
 import pytest
-from fastapi import FastAPI
+from fake_judge import letter_judge
 
 from koala_lib.config import CardConfig
 from koala_lib.evaluation.calibration import CHOSEN, REJECTED, summarise
@@ -23,33 +22,15 @@ HUMAN = [PairItem(f"h{i}", "calibration:hh", f"Question {i}?", CHOSEN, *((f"Yes:
 GOOD = BETTER | {it.answer_a for it in HUMAN}
 
 
-def _letter(pick):
-    """A logprobs reply choosing `pick` (A, B or C) with probability 0.9."""
-    others = [x for x in "ABC" if x != pick]
-    top = [(pick, 0.9), (others[0], 0.05), (others[1], 0.05)]
-    rows = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in top]
-    return pick, {"content": [{**rows[0], "top_logprobs": rows}]}
-
-
 POLICIES = {
-    "first": lambda a, b: _letter("A"),
-    "longer": lambda a, b: _letter("A" if len(a) > len(b) else "B" if len(b) > len(a) else "C"),
-    "right": lambda a, b: _letter("A" if a in GOOD else "B" if b in GOOD else "C"),
+    "first": lambda a, b: "A",
+    "longer": lambda a, b: "A" if len(a) > len(b) else "B" if len(b) > len(a) else "C",
+    "right": lambda a, b: "A" if a in GOOD else "B" if b in GOOD else "C",
 }
 
 
 def _judge(policy, items):
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: dict):
-        user = body["messages"][-1]["content"]
-        a = user.split("[The start of assistant A's answer]\n")[1].split("\n[The end")[0]
-        b = user.split("[The start of assistant B's answer]\n")[1].split("\n[The end")[0]
-        content, logprobs = policy(a, b)
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": content},
-                             "logprobs": logprobs}]}
+    app = letter_judge(policy)
 
     with serving(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)

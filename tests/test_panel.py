@@ -3,11 +3,10 @@ on loopback, one that picks the better answer and one that always picks the firs
 panel's verdict combines theirs, their agreement is Cohen's kappa, and an unfit judge can be left out."""
 
 import json
-import math
 
 import numpy as np
 import pytest
-from fastapi import FastAPI
+from fake_judge import letter_judge
 
 from koala_lib.evaluation.judge_card import CANARY, measure_card, probe_items
 from koala_lib.evaluation.judgments import read_judgments
@@ -32,24 +31,6 @@ def _pick(policy, a, b):
     return "C" if qa is None or qb is None or qa == qb else ("A" if qa > qb else "B")
 
 
-def _app(policy):
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: dict):
-        user = body["messages"][-1]["content"]
-        a = user.split("[The start of assistant A's answer]\n")[1].split("\n[The end")[0]
-        b = user.split("[The start of assistant B's answer]\n")[1].split("\n[The end")[0]
-        pick = _pick(policy, a, b)
-        top = [(pick, 0.9)] + [(x, 0.05) for x in "ABC" if x != pick]
-        rows = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in top]
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": pick},
-                             "logprobs": {"content": [{**rows[0], "top_logprobs": rows}]}}]}
-
-    return app
-
-
 def _answers(cfg):
     rng = np.random.default_rng(1)
     gen = cfg.run_dir / "generations"
@@ -65,7 +46,7 @@ def _answers(cfg):
 def _stage5(tmp_path, drop):
     from koala_lib import config
 
-    with serving(_app("right")) as right, serving(_app("first")) as first:
+    with serving(letter_judge(lambda a, b: _pick("right", a, b))) as right, serving(letter_judge(lambda a, b: _pick("first", a, b))) as first:
         cfg = config.load("smoke", [f"runs_dir={tmp_path / 'runs'}", f"figures_dir={tmp_path / 'figures'}",
                                     f"call_cache={tmp_path / 'cache.sqlite'}", "eval.judge.mode=logprobs",
                                     f"eval.judge.panel=[{{base_url: '{right}/v1', model: right}}, {{base_url: '{first}/v1', model: first}}]",

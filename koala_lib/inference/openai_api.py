@@ -79,7 +79,7 @@ class _Body(BaseModel):
     @classmethod
     def _not_implemented(cls, value, info):
         if value is not None:
-            raise ValueError(f"not supported by this server: it would change the answer, and it is not implemented")
+            raise ValueError("not supported by this server: it would change the answer, and it is not implemented")
         return value
 
     @field_validator("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "min_tokens", mode="before")
