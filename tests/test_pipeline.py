@@ -96,6 +96,12 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     assert evaluated["judge_card"]["fit"] is False and evaluated["judge_unfit"] == "; ".join(card["reasons"])
     assert evaluated["judge_calls"] == judged["calls"] + calibration["calls"] + card["calls"] >= 2 * card["canaries"]
     assert evaluated["judge_cache_hits"] == 0
+    # stage 5 again on the unchanged run: every verdict comes from the call cache, no call is sent, the same numbers
+    run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], stages="05", progress=False)
+    again = json.loads((evald / "metrics.json").read_text())
+    assert again["judge_calls"] == 0 and again["judge_cache_hits"] == evaluated["judge_calls"]
+    counts = ("judge_calls", "judge_cache_hits")
+    assert {k: v for k, v in again.items() if k not in counts} == {k: v for k, v in evaluated.items() if k not in counts}
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
 
 
