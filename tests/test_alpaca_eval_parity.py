@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fake_judge import letter_judge
 
-from koala_lib.evaluation.judge_card import probe_items
+from koala_lib.evaluation.probes import probe_items
 from koala_lib.evaluation.report import build_report
 from koala_lib.evaluation.stage import eval_dir, run_judge
 from koala_lib.inference.serve import serving

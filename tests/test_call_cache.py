@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from koala_lib.call_cache import CallCache
 from koala_lib.config import CardConfig
 from koala_lib.evaluation.judge import judge_pairs
-from koala_lib.evaluation.judge_card import CANARY, build_card, probe_items
+from koala_lib.evaluation.judge_card import build_card
+from koala_lib.evaluation.probes import CANARY, probe_items
 from koala_lib.evaluation.judgments import PairItem
 from koala_lib.inference.serve import serving
 

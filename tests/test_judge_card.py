@@ -11,7 +11,8 @@ from fake_judge import letter_judge
 from koala_lib.config import CardConfig
 from koala_lib.evaluation.calibration import CHOSEN, REJECTED, summarise
 from koala_lib.evaluation.judge import judge_pairs
-from koala_lib.evaluation.judge_card import CANARY, build_card, canary_kinds, probe_items
+from koala_lib.evaluation.judge_card import build_card
+from koala_lib.evaluation.probes import CANARY, canary_kinds, probe_items
 from koala_lib.evaluation.judgments import PairItem
 from koala_lib.inference.serve import serving
 

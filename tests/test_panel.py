@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from fake_judge import letter_judge
 
-from koala_lib.evaluation.judge_card import CANARY, measure_card, probe_items
+from koala_lib.evaluation.judge_card import measure_card
+from koala_lib.evaluation.probes import CANARY, probe_items
 from koala_lib.evaluation.judgments import read_judgments
 from koala_lib.evaluation.panel import cohen_kappa, combine
 from koala_lib.evaluation.report import build_report

@@ -6,7 +6,7 @@
 
 What the card measures, each judged in both orders as every comparison is:
 
-- **Canaries** (`judge_data/canaries.jsonl`, 48 pairs written for the kit): a question with a better answer not in
+- **Canaries** (`probes.py`: `judge_data/canaries.jsonl`, 48 pairs written for the kit): a question with a better answer not in
   doubt (a correct against a wrong arithmetic result, an answer against a refusal of a harmless request, an answer
   against itself cut mid-sentence, an on-topic answer against one for another question). The better answer is the
   shorter one in exactly half, so neither "pick the longer" nor "pick the first" passes. A canary is right only
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -39,26 +38,7 @@ import numpy as np
 
 from koala_lib.evaluation.judgments import Judgment, PairItem, read_judgments
 from koala_lib.evaluation.pairwise import position_bias, soft
-
-CANARY, MARKDOWN = "card:canary", "card:markdown"  # the test_set of the card's own items
-BETTER, WORSE, STYLED, PLAIN = "better", "worse", "markdown", "plain"
-
-
-def _rows(name: str) -> list[dict]:
-    text = resources.files("koala_lib.evaluation").joinpath("judge_data", name).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def probe_items() -> list[PairItem]:
-    """The canaries (better as model_a) and the markdown probes (markdown as model_a), in file order."""
-    canaries = [PairItem(r["id"], CANARY, r["question"], BETTER, r["better"], WORSE, r["worse"]) for r in _rows("canaries.jsonl")]
-    styled = [PairItem(r["id"], MARKDOWN, r["question"], STYLED, r["markdown"], PLAIN, r["plain"]) for r in _rows("markdown.jsonl")]
-    return canaries + styled
-
-
-def canary_kinds() -> dict[str, str]:
-    return {r["id"]: r["kind"] for r in _rows("canaries.jsonl")}
-
+from koala_lib.evaluation.probes import CANARY, MARKDOWN, canary_kinds, probe_items
 
 @dataclass
 class JudgeCard:

@@ -180,7 +180,7 @@ def plan_calls(cfg: Config) -> dict:
     from koala_lib.conditioning.template import load_tokenizer
     from koala_lib.evaluation.calibration import labelled_pairs
     from koala_lib.evaluation.judge import _messages, _request, cut, local_identity
-    from koala_lib.evaluation.judge_card import probe_items
+    from koala_lib.evaluation.probes import probe_items
 
     from koala_lib.evaluation.answer_health import split_by_rule
 
