@@ -84,7 +84,9 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     if calibration["judged"]:
         assert f"agrees with human labels {calibration['agreement']:.1f} %" in summary["judge"]["line"]
     else:  # the random model rarely puts a letter among its top tokens
-        assert summary["judge"]["line"].endswith(f"no verdict on any of {calibration['pairs']} human-labelled pairs")
+        agreement_line, *rest = summary["judge"]["line"].splitlines()  # then the card's verdict
+        assert agreement_line.endswith(f"no verdict on any of {calibration['pairs']} human-labelled pairs")
+        assert rest[-1].startswith("judge unfit: ")
     evald = tmp_path / "smoke" / "eval"
     assert sum(len(p.read_text().splitlines()) for p in (evald / "fastchat").rglob("*.jsonl")) == judged["sent_to_judge"]
     annotations = [a for p in (evald / "alpaca_eval").rglob("annotations.json") for a in json.loads(p.read_text())]
