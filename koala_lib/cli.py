@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base, a variant or an extra name (default: the first trained variant, else base)")
     p.add_argument("--checkpoint", default=None, help="serve this Hugging Face folder (or `default`) instead of a profile model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port of the API and the chat page (default: 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (or set KOALA_API_KEY)")
     p.set_defaults(func=cmd_serve)
 

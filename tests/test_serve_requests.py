@@ -187,3 +187,17 @@ def test_a_chat_reply_starts_at_the_answers_first_character(smollm2_generator):
             model="koala-debug", messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0, stream=True))
     assert raw.startswith(" ") and not raw.startswith("  ")
     assert reply.choices[0].message.content == raw[1:] == streamed
+
+
+def test_a_request_that_names_no_sampling_setting_gets_the_servers_defaults(tiny_generator):
+    from koala_lib.inference.sampling import Sampling
+
+    greedy_app = make_app(tiny_generator, defaults=Sampling(temperature=0.0))
+    body = {"model": "koala-debug", "messages": HELLO, "max_tokens": 8}
+    with serving(greedy_app) as url:
+        texts = {request(url, "/v1/chat/completions", {**body, "seed": s})[1]["choices"][0]["message"]["content"] for s in (1, 2, 3)}
+        explicit = request(url, "/v1/chat/completions", {**body, "temperature": 0.0, "top_p": None})[1]["choices"][0]["message"]["content"]
+    assert texts == {explicit}  # greedy whatever the seed: the default is the profile's temperature 0
+    with serving(make_app(tiny_generator)) as url:  # no defaults given: OpenAI's temperature 1, so seeds differ
+        sampled = {request(url, "/v1/chat/completions", {**body, "seed": s})[1]["choices"][0]["message"]["content"] for s in (1, 2, 3)}
+    assert len(sampled) > 1

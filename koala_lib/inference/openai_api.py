@@ -59,15 +59,15 @@ class _Body(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: the server's default (the profile's)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-turn token before this many tokens
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's extension: no end-of-turn token before this many tokens
     logit_bias: Any = None  # the UNSUPPORTED fields: declared so that a value is refused by name, not ignored
     response_format: Any = None
     tools: Any = None

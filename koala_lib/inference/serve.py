@@ -95,11 +95,14 @@ def create_app(
     max_batch: int | None = None,
     batching: str = "continuous",
     max_body_bytes: int = 1 << 20,
+    defaults: Sampling | None = None,
 ) -> FastAPI:
     """The server's app; its batcher starts now and stops when the app shuts down. Chat messages are rendered with
     `template`: Koala's (a Template), or a chat format of koala_lib.inference.chat_format (e.g. the model's own
     template). `batching`: "continuous" (requests join and leave between decode steps, `max_batch` slots) or "static"
-    (what waits is decoded together to the end of its longest answer)."""
+    (what waits is decoded together to the end of its longest answer). `defaults`: the temperature, top_p, top_k and
+    min_new_tokens of a request that names none (`app_for_profile`: the profile's `generate` settings; else
+    OpenAI's, temperature 1)."""
     slots = max_batch or generator.max_batch
     if batching == "continuous":
         batcher = ContinuousBatcher(generator, slots=slots, max_queue=max_queue)
@@ -144,6 +147,8 @@ def create_app(
     async def chat_page():
         return (resources.files("koala_lib.inference") / "static" / "chat.html").read_text(encoding="utf-8")
 
+    default = defaults or Sampling(temperature=1.0)  # what a request that names no sampling setting gets (OpenAI's: 1.0)
+
     def prepare(body: _Body, text: Callable[[], list[int]], said: str, extra_stops: tuple[str, ...]) -> tuple[list[int], Sampling]:
         """Token ids and sampling settings of a request; `said` is what the client wrote (moderated). Runs in a
         worker thread: a long prompt's moderation scan and tokenization never stall the event loop."""
@@ -161,10 +166,12 @@ def create_app(
         except ValueError as exc:  # an empty prompt
             raise ApiError(400, str(exc), param="prompt") from None
         sampling = Sampling(
-            max_new_tokens=body.token_limit() or default_max_tokens, temperature=body.temperature, top_p=body.top_p,
+            max_new_tokens=body.token_limit() or default_max_tokens,
+            temperature=default.temperature if body.temperature is None else body.temperature,
+            top_p=default.top_p if body.top_p is None else body.top_p, top_k=default.top_k,
             stop=tuple(dict.fromkeys([*extra_stops, *body.stops()])), seed=body.seed if body.seed is not None else int(time.time_ns() % 2**63),
             logprobs=body.logprob_count(), frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            min_new_tokens=body.min_tokens,
+            min_new_tokens=default.min_new_tokens if body.min_tokens is None else body.min_tokens,
         )
         return ids, sampling
 
@@ -384,7 +391,9 @@ def app_for_profile(cfg, model: str | None = None, checkpoint: str | None = None
     return create_app(gen, chat, model_name=who.name, api_key=api_key,
                       moderation=word_list(words) if words else None, max_queue=cfg.generate.max_queue,
                       default_max_tokens=cfg.generate.max_new_tokens, max_batch=cfg.generate.slots,
-                      batching=cfg.generate.batching, max_body_bytes=cfg.generate.max_body_bytes)
+                      batching=cfg.generate.batching, max_body_bytes=cfg.generate.max_body_bytes,
+                      defaults=Sampling(temperature=cfg.generate.temperature, top_p=cfg.generate.top_p, top_k=cfg.generate.top_k,
+                                        min_new_tokens=cfg.generate.min_new_tokens))
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
