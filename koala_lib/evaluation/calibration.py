@@ -169,7 +169,7 @@ def calibration_path(cfg: Config) -> Path:
 def calibrate(cfg: Config, progress: bool = True) -> Calibration:
     """Judge the held-out labelled pairs with the profile's judge (or panel); writes `eval/calibration.json` and the
     single judgments to `eval/calibration/judgments.jsonl` (not with stage 5's judgments, which compare models).
-    A panel's members get their own figure too (`eval/panel/<i>/calibration.json`), which their cards read."""
+    A panel's members get their own figure too (`eval/panel/<i>/calibration_summary.json`), which their cards read."""
     from koala_lib.evaluation.judge import JudgeResult
     from koala_lib.evaluation.panel import judge_items
 

@@ -75,13 +75,13 @@ class EvalReport:
         each with its 95 % interval, the sign-test p, and the AlpacaEval annotations file of each LLM row."""
         import pandas as pd
 
-        span = lambda c: f"{c[0]:.1f}-{c[1]:.1f}" if c and c[0] is not None and c[0] == c[0] else ""
+        span = lambda c: f"{c[0]:.1f}-{c[1]:.1f}" if c and c[0] is not None else ""  # None: not measured
         rows = [{"source": r["source"], "test set": r["test_set"], "model": r["model_a"], "vs": model_label(r["model_b"], self.models),
                  "n": r["n"], "better %": round(r["better"], 1), "better CI": span(r["better_ci"]), "tie %": round(r["tie"], 1),
                  "worse %": round(r["worse"], 1), "worse CI": span(r["worse_ci"]),
                  "hard win rate %": round(r["win_rate"], 1), "hard CI": span(r["win_rate_ci"]),
                  "soft win rate %": round(r["soft_win_rate"], 1), "soft CI": span(r["soft_win_rate_ci"]),
-                 "LC win rate, length term only %": round(r["lc_win_rate"], 1) if r.get("lc_win_rate") == r.get("lc_win_rate") and r.get("lc_win_rate") is not None else None,
+                 "LC win rate, length term only %": None if r.get("lc_win_rate") is None else round(r["lc_win_rate"], 1),
                  "LC CI": span(r.get("lc_ci")), "sign p": round(r["sign_p"], 4), "AlpacaEval file": r.get("alpaca_eval_file", "")}
                 for r in self.comparisons]
         frame = pd.DataFrame(rows)
