@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_gpu import ONE_B, batch_work, build_step, time_steps  # noqa: E402
-from train_step import packed_batch  # noqa: E402
+from train_gpu import ONE_B, build_step, time_steps  # noqa: E402
+from workload import batch_work, packed_batch  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ older count, attention over the whole row as if it were one example, is printed 
     python bench/train_gpu.py                       # llama-1b-shaped model, seq 2048, on the GPU(s)
     python bench/train_gpu.py --tiny                # the debug model on CPU, a check that the script runs
 
-`build_step`, `time_steps` and `batch_work` are shared with bench/gpu_check.py.
+`build_step` and `time_steps` are shared with bench/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import record_section  # noqa: E402
-from train_step import packed_batch  # noqa: E402
+from workload import batch_work, packed_batch  # noqa: E402
 
 # A LLaMA-architecture model of 1.2B parameters (Llama 3.2 1B's shape with LLaMA-2's vocabulary).
 ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -80,19 +80,6 @@ def time_steps(step, state, batch, steps: int):
         state, stats = step(state, batch)
     jax.block_until_ready(stats)
     return state, stats, (time.perf_counter() - start) / steps
-
-
-def batch_work(arch, host: dict) -> dict:
-    """Training FLOPs of one packed batch: useful (real tokens, attention within each example) and the full-row
-    count (every position, attention over the whole row)."""
-    from koala_lib.train.budget import flops_per_token, useful_flops
-
-    real = host["segment_ids"] > 0
-    tokens = int(real.sum())
-    pairs = float((host["positions"][real].astype(np.int64) + 1).sum())  # causal pairs within each example
-    rows, length = host["tokens"].shape
-    return {"tokens": tokens, "attention_pairs": pairs, "useful_flops": useful_flops(arch, tokens, pairs),
-            "full_row_flops": flops_per_token(arch, length) * rows * length}
 
 
 def run(tiny: bool, batch_per_device: int, length: int, remat: str, steps: int, attention: str | None) -> dict:

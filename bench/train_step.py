@@ -18,24 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_forward import interleaved  # noqa: E402
 from results import record_section  # noqa: E402
-
-
-def packed_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Rows of three segments each, answer halves trained (as stage 2 writes them)."""
-    rng = np.random.default_rng(seed)
-    cuts = sorted(rng.choice(np.arange(16, length - 16), size=2, replace=False))
-    bounds = [0, *cuts, length]
-    out = {"tokens": rng.integers(0, vocab, size=(batch, length)).astype(np.int32)}
-    seg, pos, mask = (np.zeros((batch, length), np.int32) for _ in range(3))
-    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
-        seg[:, a:b], pos[:, a:b] = s, np.arange(b - a)
-        mask[:, (a + b) // 2 : b] = 1
-    return {**out, "segment_ids": seg, "positions": pos, "loss_mask": mask}
+from workload import batch_work, packed_batch  # noqa: E402
 
 
 def kit_step(folder: Path, batch: dict, remat: str, scan: bool = True):
@@ -151,7 +137,6 @@ def main() -> None:
     from koala_lib.model.gguf_default import default_model_dir
     from koala_lib.model.presets import from_hf_config
     from koala_lib.train.budget import measure_matmul_flops, useful_flops
-    from train_gpu import batch_work
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -17,14 +17,10 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from koala_lib.config_sources import SourceConfig, SourcesConfig  # noqa: F401 (re-exported)
+from koala_lib.config_sources import MIXTURES, SOURCE_NAMES, SourceConfig, SourcesConfig, mixture_sources, variant_name  # noqa: F401 (re-exported)
+from koala_lib.model.mesh_spec import parse_mesh
 from koala_lib.typed_yaml import ConfigError, UniqueKeyLoader, build, doc, show, to_dict  # noqa: F401 (re-exported)
 
-SOURCE_NAMES = ("sharegpt", "hc3", "oig", "alpaca", "hh", "webgpt", "summarize")
-MIXTURES = {
-    "koala_all": SOURCE_NAMES,  # Koala-All: every source
-    "koala_distill": ("sharegpt", "hc3"),  # Koala-Distill: ChatGPT distillation data only
-}
 MODEL_PRESETS = ("debug", "smollm2-135m", "llama-7b", "llama-13b", "llama2-7b", "llama2-13b", "llama3-8b")
 
 
@@ -285,29 +281,13 @@ class Config:
         return resolve_path(self.figures_dir) if self.figures_dir else self.run_dir / "figures"
 
 
-def check_variants(cfg: "Config") -> None:
-    """Every variant stage 3 trains must draw only on sources of the data mixture (checked when training starts)."""
-    for variant in cfg.variants:
-        extra = set(mixture_sources(variant)) - set(cfg.data.source_names())
+def check_variants(cfg: "Config", variants: Sequence[str] | None = None, key: str = "train.variants") -> None:
+    """Every variant stage 3 trains (`variants`, default the profile's) must draw only on sources of the data mixture
+    (checked when training starts); `key` is what the error names: the config key, or the option that gave them."""
+    for variant in variants or cfg.variants:
+        extra = set(mixture_sources(variant, key)) - set(cfg.data.source_names())
         if extra:
-            raise ConfigError(f"train.variants: {variant!r} needs {', '.join(sorted(extra))}, not in data.mixture {cfg.data.mixture!r}; set train.variants too")
-
-
-def mixture_sources(mixture: str) -> tuple[str, ...]:
-    """Expand a mixture preset or a comma-separated list into source names (canonical order)."""
-    names: list[str] = []
-    for part in [p.strip() for p in mixture.split(",") if p.strip()]:
-        if part in MIXTURES:
-            names.extend(MIXTURES[part])
-        elif part in SOURCE_NAMES:
-            names.append(part)
-        else:
-            raise ConfigError(
-                f"data.mixture: unknown source or preset {part!r} (allowed: {', '.join((*MIXTURES, *SOURCE_NAMES))})"
-            )
-    if not names:
-        raise ConfigError("data.mixture: empty mixture")
-    return tuple(n for n in SOURCE_NAMES if n in names)
+            raise ConfigError(f"{key}: {variant!r} needs {', '.join(sorted(extra))}, not in data.mixture {cfg.data.mixture!r}; set train.variants too")
 
 
 # ----------------------------------------------------------------------------- paths
@@ -364,6 +344,12 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
         _set_dotted(raw, key, value)
     cfg = build(Config, raw, "")
     cfg.data.source_names()  # validates the mixture
+    for variant in cfg.train.variants:
+        mixture_sources(variant, "train.variants")
+    try:
+        parse_mesh(cfg.train.mesh)
+    except ValueError as exc:
+        raise ConfigError(f"train.mesh: {exc}") from None
     if cfg.eval.bootstrap < 1:
         raise ConfigError(f"eval.bootstrap: {cfg.eval.bootstrap} replicates; it must be at least 1")
     j = cfg.eval.judge
@@ -385,12 +371,28 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide by train.grad_accum {cfg.train.grad_accum}")
     g = cfg.generate
+    for key, value, low, high in (("temperature", g.temperature, 0.0, 2.0), ("top_p", g.top_p, 0.0, 1.0)):
+        if not low <= value <= high:
+            raise ConfigError(f"generate.{key}: {value}; allowed {low:g} to {high:g} (OpenAI's range, as `koala serve` accepts it)")
+    if g.top_k < 0 or g.min_new_tokens < 0:
+        raise ConfigError(f"generate.top_k {g.top_k}, generate.min_new_tokens {g.min_new_tokens}: each must be at least 0")
+    if g.max_new_tokens < 1 or g.min_new_tokens > g.max_new_tokens:
+        raise ConfigError(f"generate.max_new_tokens: {g.max_new_tokens}; it must be at least 1 and at least generate.min_new_tokens ({g.min_new_tokens})")
     if g.batching not in ("continuous", "static"):
         raise ConfigError(f"generate.batching: {g.batching!r}; allowed: continuous, static")
     for key in ("slots", "max_queue", "max_body_bytes"):
         if getattr(g, key) < 1:
             raise ConfigError(f"generate.{key}: {getattr(g, key)}; it must be at least 1")
     return cfg
+
+
+def with_runs_dir(overrides: Sequence[str], runs_dir: str | os.PathLike | None) -> list[str]:
+    """The overrides of a command given `--runs-dir DIR`: DIR taken from the current folder (not the kit root), and
+    the run's figures kept inside it (`DIR/<profile>/figures`) unless an override names `figures_dir` itself."""
+    if runs_dir is None:
+        return list(overrides)
+    named = {str(item).partition("=")[0].strip() for item in overrides}
+    return [*overrides, f"runs_dir={Path(runs_dir).expanduser().resolve()}", *([] if "figures_dir" in named else ["figures_dir=null"])]
 
 
 def _parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Config sections for the upstream data sources of stage 1: where each source's rows come from.
+"""Config sections for the upstream data sources of stage 1: where each source's rows come from, and the mixtures
+(named sets of sources) that data and variants are drawn from.
 
 Each source has the same fields (`SourceConfig`) with its own hub id and files, plus its own filters.
 """
@@ -8,7 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from koala_lib.typed_yaml import doc
+from koala_lib.typed_yaml import ConfigError, doc
+
+SOURCE_NAMES = ("sharegpt", "hc3", "oig", "alpaca", "hh", "webgpt", "summarize")
+MIXTURES = {
+    "koala_all": SOURCE_NAMES,  # Koala-All: every source
+    "koala_distill": ("sharegpt", "hc3"),  # Koala-Distill: ChatGPT distillation data only
+}
+
+
+def variant_name(variant: str) -> str:
+    """A variant's folder and model name: its mixture with "+" for "," (e.g. `koala_all`, `hc3+oig`)."""
+    return variant.replace(",", "+").replace(" ", "")
+
+
+def mixture_sources(mixture: str, key: str = "data.mixture") -> tuple[str, ...]:
+    """Expand a mixture preset or a comma-separated list into source names (canonical order); errors name `key`."""
+    names: list[str] = []
+    for part in [p.strip() for p in mixture.split(",") if p.strip()]:
+        if part in MIXTURES:
+            names.extend(MIXTURES[part])
+        elif part in SOURCE_NAMES:
+            names.append(part)
+        else:
+            raise ConfigError(f"{key}: unknown source or preset {part!r} (allowed: {', '.join((*MIXTURES, *SOURCE_NAMES))})")
+    if not names:
+        raise ConfigError(f"{key}: empty mixture")
+    return tuple(n for n in SOURCE_NAMES if n in names)
 
 
 @dataclass(frozen=True)

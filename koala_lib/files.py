@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
 
 
 def swap_in(new: Path, final: Path) -> None:
@@ -20,4 +22,33 @@ def atomic_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """An empty sibling folder `<final>.tmp` to write into: it replaces `final` when the block ends, and is removed
+    when the block raises, so a failure leaves `final` as it was and nothing beside it."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in(tmp, final)
+
+
+@contextmanager
+def atomic_open(path: Path) -> Iterator[IO[str]]:
+    """A text file to write that appears at `path` only whole: written as `<path>.tmp`, renamed when the block ends,
+    removed when it raises."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            yield fh
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)

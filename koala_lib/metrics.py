@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
-from koala_lib.config import Config
+
+class HasRunDir(Protocol):
+    """A profile's Config, or anything else that names a run folder."""
+
+    run_dir: Path
 
 
-def write_metrics(cfg: Config, stage: str, metrics: dict) -> Path:
+def write_metrics(cfg: HasRunDir, stage: str, metrics: dict) -> Path:
     """Write (atomically) and return the path of the stage's metrics file."""
     path = cfg.run_dir / stage / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,5 +23,5 @@ def write_metrics(cfg: Config, stage: str, metrics: dict) -> Path:
     return path
 
 
-def read_metrics(cfg: Config, stage: str) -> dict:
+def read_metrics(cfg: HasRunDir, stage: str) -> dict:
     return json.loads((cfg.run_dir / stage / "metrics.json").read_text(encoding="utf-8"))

@@ -81,20 +81,12 @@ def token_lengths(lengths_by_source: dict[str, list[int]], seq_len: int) -> Figu
     return fig
 
 
-def packing_efficiency(lengths, seq_len: int, seed: int, row_lengths: tuple[int, ...] = (512, 1024, 2048, 4096)) -> Figure:
-    """Share of positions holding real tokens: packed rows vs one padded example per row, for several row lengths."""
+def packing_efficiency(table: dict[str, list], seq_len: int) -> Figure:
+    """Share of positions holding real tokens, packed rows vs one padded example per row, for several row lengths:
+    `table` as conditioning.packing.packing_table gives it."""
     import numpy as np
 
-    from koala_lib.conditioning.packing import pack_plan, padding_fraction
-
-    lengths = np.asarray(lengths)
-    sizes = sorted({*row_lengths, seq_len})
-    packed, padded = [], []
-    for size in sizes:
-        fitting = lengths[lengths <= size]
-        rows = len(pack_plan(fitting, size, seed, 0))
-        packed.append(100 * (1 - padding_fraction(fitting, rows, size)))
-        padded.append(100 * (1 - padding_fraction(fitting, len(fitting), size)))
+    sizes, packed, padded = table["row_length"], table["packed"], table["padded"]
     fig = Figure(figsize=(8, 4.0), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(sizes))

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from koala_lib import config
@@ -48,6 +50,14 @@ def test_config_is_frozen():
         ("data.mixture=koala_everything", "unknown source or preset 'koala_everything'"),
         ("model.preset=llama-65b", "model.preset: 'llama-65b' is not allowed"),
         ("noequals", "expected key=value"),
+        ("train.mesh=1,2", "train.mesh: mesh '1,2': expected three sizes 'data,fsdp,tensor'"),
+        ("train.mesh=1,-1,-1", "train.mesh: mesh '1,-1,-1': expected three sizes"),
+        ("train.mesh=a,b,c", "train.mesh: mesh 'a,b,c': expected three integers"),
+        ("train.variants=[koala-all]", "train.variants: unknown source or preset 'koala-all'"),
+        ("generate.temperature=5", "generate.temperature: 5.0; allowed 0 to 2"),
+        ("generate.top_p=1.5", "generate.top_p: 1.5; allowed 0 to 1"),
+        ("generate.top_k=-1", "generate.top_k -1"),
+        ("generate.min_new_tokens=300", "generate.max_new_tokens: 48; it must be at least 1 and at least generate.min_new_tokens (300)"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):
@@ -93,6 +103,18 @@ def test_relative_runs_dir_is_taken_from_the_kit_root(tmp_path):
     assert load("demo").figures_path == config.project_root() / "figures"
 
 
+def test_runs_dir_option_is_taken_from_the_current_folder_and_keeps_the_figures(tmp_path, monkeypatch):
+    """`--runs-dir DIR` (config.with_runs_dir) is relative to where the user stands, and the demo profile's figures
+    (`figures_dir: figures`, the kit's tracked folder) go inside it; a figures_dir the user names still wins."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load("demo", config.with_runs_dir([], "myruns"))
+    assert cfg.run_dir == tmp_path / "myruns" / "demo"
+    assert cfg.figures_path == tmp_path / "myruns" / "demo" / "figures"
+    cfg = load("demo", config.with_runs_dir(["figures_dir=/tmp/mine"], "myruns"))
+    assert cfg.figures_path == Path("/tmp/mine") and cfg.run_dir == tmp_path / "myruns" / "demo"
+    assert config.with_runs_dir(["seed=1"], None) == ["seed=1"]
+
+
 def test_a_float_written_without_a_dot_is_a_number():
     cfg = load("demo", ["train.learning_rate=1e-5", "train.eps=2E-8"])
     assert cfg.train.learning_rate == 1e-5 and cfg.train.eps == 2e-8
@@ -104,3 +126,5 @@ def test_a_variant_outside_the_mixture_is_an_error_with_the_fix():
     cfg = load("demo", ["data.mixture=sharegpt,alpaca"])  # fine for stages 1 and 2
     with pytest.raises(ConfigError, match=r"train.variants: 'koala_all' needs hc3, .* not in data.mixture 'sharegpt,alpaca'; set train.variants"):
         config.check_variants(cfg)  # stage 3 checks before training
+    with pytest.raises(ConfigError, match=r"^--variant: unknown source or preset 'koala-all'"):
+        config.check_variants(load("demo"), ["koala-all"], "--variant")

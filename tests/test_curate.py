@@ -141,3 +141,16 @@ def test_output_does_not_depend_on_the_hash_seed(tmp_path):
         )
         outputs.append(((runs / "smoke" / "data" / "curated.jsonl").read_bytes(), (runs / "fig" / "data_composition.png").read_bytes()))
     assert outputs[0] == outputs[1]
+
+
+def test_a_failed_run_leaves_no_temporary_file(make_cfg, tmp_path):
+    """A source that cannot be read stops stage 1 with its error; the half-written rejections log is removed, not
+    left as rejections.jsonl.tmp beside the outputs."""
+    from koala_lib.data.readers import SourceFormatError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"not": "hc3"\n', encoding="utf-8")
+    cfg = make_cfg("smoke", f"data.sources.hc3.path={bad}")
+    with pytest.raises(SourceFormatError, match=r"bad\.jsonl:1"):
+        curate(cfg, progress=False)
+    assert sorted(p.name for p in (cfg.run_dir / "data").iterdir()) == []

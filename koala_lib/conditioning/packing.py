@@ -71,3 +71,16 @@ def materialize(plan: list[list[int]], ids: np.ndarray, mask: np.ndarray, offset
 def padding_fraction(lengths: np.ndarray, rows: int, seq_len: int) -> float:
     """Share of positions that hold no token."""
     return 1.0 - float(np.sum(lengths)) / float(rows * seq_len) if rows else 0.0
+
+
+def packing_table(lengths, seq_len: int, seed: int, row_lengths: tuple[int, ...] = (512, 1024, 2048, 4096)) -> dict[str, list]:
+    """Share of positions (%) holding real tokens at several row lengths (and the profile's): packed rows against
+    one padded example per row; examples longer than a row are left out of that row length's count."""
+    lengths = np.asarray(lengths)
+    sizes = sorted({*row_lengths, seq_len})
+    packed, padded = [], []
+    for size in sizes:
+        fitting = lengths[lengths <= size]
+        packed.append(100 * (1 - padding_fraction(fitting, len(pack_plan(fitting, size, seed, 0)), size)))
+        padded.append(100 * (1 - padding_fraction(fitting, len(fitting), size)))
+    return {"row_length": sizes, "packed": packed, "padded": padded}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -27,12 +26,12 @@ import numpy as np
 
 from koala_lib.config import Config
 from koala_lib.data.curate import load_curated
-from koala_lib.files import swap_in
+from koala_lib.files import staged_folder
 from koala_lib.data.schema import Record
 from koala_lib.plots import packing_efficiency, save, token_lengths
 from koala_lib.progress import bar as progress_bar
 
-from .packing import materialize, pack_plan, padding_fraction
+from .packing import materialize, pack_plan, packing_table, padding_fraction
 from .template import Example, cut_to_length, highlight_html, load_tokenizer, marked_text, template_for, tokenize
 
 BATCH = 512  # records rendered and tokenized per call
@@ -100,7 +99,7 @@ class ConditionResult:
         """(token lengths per source, packing efficiency) figures."""
         c = self.stats["seq_len"]
         lengths = {src: [len(e.ids) for e in self.train if e.source == src] for src in self.stats["examples"]}
-        return token_lengths(lengths, c), packing_efficiency([len(e.ids) for e in self.train], c, self.seed)
+        return token_lengths(lengths, c), packing_efficiency(packing_table([len(e.ids) for e in self.train], c, self.seed), c)
 
     def metrics(self) -> dict:
         s = self.stats
@@ -190,26 +189,24 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     evals = build_examples(eval_records, tokenizer, template, c.seq_len, rejected, progress, "condition eval")
 
     final = cfg.run_dir / "conditioned"
-    tmp = final.with_name("conditioned.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ids, mask, offsets = _write_examples(tmp / "examples" / "train", train)
-    lengths = np.diff(offsets)
-    rows_per_epoch = []
-    for epoch in progress_bar(range(c.epochs), desc="pack epochs", unit="epoch", disable=not progress):
-        plan = pack_plan(lengths, c.seq_len, cfg.seed, epoch)
-        write_rows(tmp / "train" / f"epoch_{epoch}", materialize(plan, ids, mask, offsets, c.seq_len, pad_id))
-        rows_per_epoch.append(len(plan))
-    e_ids, e_mask, e_offsets = _write_examples(tmp / "examples" / "eval", evals)
-    eval_plan = pack_plan(np.diff(e_offsets), c.seq_len, cfg.seed, 0)
-    write_rows(tmp / "eval", materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id))
+    with staged_folder(final) as tmp:
+        ids, mask, offsets = _write_examples(tmp / "examples" / "train", train)
+        lengths = np.diff(offsets)
+        rows_per_epoch = []
+        for epoch in progress_bar(range(c.epochs), desc="pack epochs", unit="epoch", disable=not progress):
+            plan = pack_plan(lengths, c.seq_len, cfg.seed, epoch)
+            write_rows(tmp / "train" / f"epoch_{epoch}", materialize(plan, ids, mask, offsets, c.seq_len, pad_id))
+            rows_per_epoch.append(len(plan))
+        e_ids, e_mask, e_offsets = _write_examples(tmp / "examples" / "eval", evals)
+        eval_plan = pack_plan(np.diff(e_offsets), c.seq_len, cfg.seed, 0)
+        write_rows(tmp / "eval", materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id))
 
-    stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records))
-    stats["pad_id"] = int(pad_id)
-    stats["seconds"] = round(time.perf_counter() - start, 3)
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    swap_in(tmp, final)
+        stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records))
+        stats["pad_id"] = int(pad_id)
+        stats["seconds"] = round(time.perf_counter() - start, 3)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     save(token_lengths({s: [len(e.ids) for e in train if e.source == s] for s in stats["examples"]}, c.seq_len), cfg.figures_path / "token_lengths.png")
-    save(packing_efficiency(lengths, c.seq_len, cfg.seed), cfg.figures_path / "packing_efficiency.png")
+    save(packing_efficiency(packing_table(lengths, c.seq_len, cfg.seed), c.seq_len), cfg.figures_path / "packing_efficiency.png")
     total = sum(stats["tokens"].values())
     print(f"conditioned {len(train) + len(evals):,} examples ({total:,} tokens) in {stats['seconds']:.1f} s "
           f"({total / max(stats['seconds'], 1e-9):,.0f} tokens/s); padding {stats['packed']['padding_fraction']:.1%} packed "

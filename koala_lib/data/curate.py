@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from koala_lib.config import SOURCE_NAMES, Config, ConfigError
-from koala_lib.files import atomic_text, swap_in
+from koala_lib.files import atomic_open, atomic_text, staged_folder
 from koala_lib.plots import data_composition, save
 from koala_lib.progress import bar
 
@@ -110,11 +109,10 @@ def curate(cfg: Config, sources: Sequence[str] | str | None = None, progress: bo
     start = time.perf_counter()
     records: list[Record] = []
     reports: dict[str, SourceReport] = {}
-    with open(out_dir / "rejections.jsonl.tmp", "w", encoding="utf-8") as log:
+    with atomic_open(out_dir / "rejections.jsonl") as log:
         for name in names:
             recs, reports[name] = curate_source(cfg, name, log, progress)
             records.extend(recs)
-    (out_dir / "rejections.jsonl.tmp").replace(out_dir / "rejections.jsonl")
     seconds = time.perf_counter() - start
     report = build_report(cfg, reports, seconds)
     write_outputs(records, report, out_dir)
@@ -262,16 +260,14 @@ def write_outputs(records: list[Record], report: dict, out_dir: Path) -> None:
             "meta": datasets.Value("string"),
         }
     )
-    tmp = out_dir / "curated.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # our own bars are enough
     try:
-        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp))
+        with staged_folder(out_dir / "curated") as tmp:
+            datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp))
     finally:
         if not quiet:
             datasets.enable_progress_bars()
-    swap_in(tmp, out_dir / "curated")
     atomic_text(out_dir / "curated.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
 

@@ -195,7 +195,7 @@ class EvalReport:
 
 def _orientation(cfg: Config, pair: frozenset, judgments: list) -> tuple[str, str]:
     """(model_a, model_b) for a pair: as in `eval.comparisons`, else the first variant first, else as first stored."""
-    from koala_lib.train.data import variant_name
+    from koala_lib.config import variant_name
 
     for entry in cfg.eval.comparisons:
         a, _, b = (x.strip() for x in entry.partition(":"))

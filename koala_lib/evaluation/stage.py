@@ -70,7 +70,7 @@ BLOG_OPPONENTS = ("alpaca", "koala_distill", "chatgpt")  # the blog's figure: Ko
 def comparisons(cfg: Config, models: list[str]) -> list[tuple[str, str]]:
     """`eval.comparisons` as (A, B) pairs; by default the blog's: the first variant against those of Alpaca,
     Koala-Distill and ChatGPT that answered (against every other model when none did)."""
-    from koala_lib.train.data import variant_name
+    from koala_lib.config import variant_name
 
     if cfg.eval.comparisons:
         pairs = []

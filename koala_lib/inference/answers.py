@@ -59,7 +59,7 @@ def base_label(cfg: Config) -> str:
 def answerers(cfg: Config, only: list[str] | None = None) -> list[Answerer]:
     """The profile's models, in order: `generate.models` (default: base and every variant), then `generate.extra`;
     with `only`, just those names (any variant of the profile, or an extra)."""
-    from koala_lib.train.data import variant_name
+    from koala_lib.config import variant_name
 
     out: list[Answerer] = []
     extra_names = {e.partition("=")[0].strip() for e in cfg.generate.extra}
@@ -111,14 +111,13 @@ def load_generator(cfg: Config, who: Answerer):
 
     from koala_lib.conditioning.template import load_tokenizer
     from koala_lib.inference.generate import Generator
-    from koala_lib.model.checkpoints import load_hf, model_kwargs
+    from koala_lib.model.checkpoints import load_hf, model_config, model_kwargs
     from koala_lib.model.llama import Llama
-    from koala_lib.train.loop import model_config
 
     kwargs = {**model_kwargs(cfg.model), "remat": "none"}
     if who.path is None:  # the random-init base of a `model.init: random` profile (stage 3 starts from the same seed)
         tokenizer = load_tokenizer(cfg)
-        model = Llama(model_config(cfg, len(tokenizer))[0], rngs=nnx.Rngs(cfg.seed), **kwargs)
+        model = Llama(model_config(cfg.model.init, cfg.model.preset, cfg.model.base, len(tokenizer))[0], rngs=nnx.Rngs(cfg.seed), **kwargs)
     else:
         tokenizer = AutoTokenizer.from_pretrained(who.path) if (who.path / "tokenizer.json").is_file() else load_tokenizer(cfg)
         model = load_hf(who.path, **kwargs)

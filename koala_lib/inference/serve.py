@@ -45,6 +45,7 @@ import contextlib
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -104,6 +105,8 @@ def create_app(
     min_new_tokens of a request that names none (`app_for_profile`: the profile's `generate` settings; else
     OpenAI's, temperature 1)."""
     slots = max_batch or generator.max_batch
+    if generator.on_compile is None:
+        generator.on_compile = lambda line: print(f"koala serve: {line}", file=sys.stderr, flush=True)
     if batching == "continuous":
         batcher = ContinuousBatcher(generator, slots=slots, max_queue=max_queue)
     elif batching == "static":
@@ -373,7 +376,7 @@ def app_for_profile(cfg, model: str | None = None, checkpoint: str | None = None
     from koala_lib.inference.answers import Answerer, answerers, load_generator
     from koala_lib.inference.chat_format import format_for
     from koala_lib.model.checkpoints import resolve_checkpoint
-    from koala_lib.train.data import variant_name
+    from koala_lib.config import variant_name
 
     if checkpoint:
         folder = resolve_checkpoint(checkpoint)

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from koala_lib.files import swap_in
+from koala_lib.files import staged_folder
 
 from .llama import Llama, inv_frequencies
-from .presets import LlamaConfig, from_hf_config, to_hf_config
+from .presets import LlamaConfig, from_hf_config, preset, to_hf_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "generation_config.json")
 
@@ -42,6 +42,15 @@ def resolve_checkpoint(name: str) -> Path:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
     except Exception as exc:  # offline, gated, or missing: one clear message
         raise FileNotFoundError(f"{name!r} is neither a local folder nor a reachable hub repository ({type(exc).__name__}: {exc})") from None
+
+
+def model_config(init: str, preset_name: str, base: str, vocab_size: int) -> tuple[LlamaConfig, Path | None]:
+    """(architecture, base folder or None) of a model: `init` "random" gives the named preset with the tokenizer's
+    vocabulary and no folder; otherwise `base` (as resolve_checkpoint reads it) and its own config.json."""
+    if init == "random":
+        return preset(preset_name).replace(vocab_size=vocab_size), None
+    folder = resolve_checkpoint(base)
+    return from_hf_config(json.loads((folder / "config.json").read_text())), folder
 
 
 def model_kwargs(model_cfg) -> dict:
@@ -161,16 +170,13 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer_from: str | Path | None
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = to_hf_config(model.cfg)
-    config["torch_dtype"] = str(jnp.dtype(model.norm.weight.get_value().dtype))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_from) / name).is_file():
-                shutil.copy2(Path(tokenizer_from) / name, tmp / name)
-    swap_in(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        config = to_hf_config(model.cfg)
+        config["torch_dtype"] = str(jnp.dtype(model.norm.weight.get_value().dtype))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / name).is_file():
+                    shutil.copy2(Path(tokenizer_from) / name, tmp / name)
     return out_dir

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from koala_lib.files import swap_in
+from koala_lib.files import staged_folder
 
 from .checkpoints import TOKENIZER_FILES
 from .presets import LlamaConfig, to_hf_config
@@ -88,15 +88,12 @@ def convert_meta(meta_dir: str | Path, out_dir: str | Path, tokenizer_from: str 
         num_layers=params["n_layers"], num_heads=n_heads, num_kv_heads=n_kv, rms_norm_eps=params.get("norm_eps", 1e-6),
         rope_theta=float(params.get("rope_theta", 10000.0)), max_position_embeddings=params.get("max_seq_len", 2048),
     )
-    tmp = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = to_hf_config(cfg)
-    config["torch_dtype"] = str(tensors["model.norm.weight"].dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
-        if tokenizer_from is not None and (Path(tokenizer_from) / name).is_file():
-            shutil.copy2(Path(tokenizer_from) / name, tmp / name)
-    swap_in(tmp, Path(out_dir))
+    with staged_folder(Path(out_dir)) as tmp:
+        config = to_hf_config(cfg)
+        config["torch_dtype"] = str(tensors["model.norm.weight"].dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            if tokenizer_from is not None and (Path(tokenizer_from) / name).is_file():
+                shutil.copy2(Path(tokenizer_from) / name, tmp / name)
     return Path(out_dir)

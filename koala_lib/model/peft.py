@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from koala_lib.files import swap_in
+from koala_lib.files import staged_folder
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -143,12 +142,9 @@ def save_adapter(adapters: dict, out_dir: str | Path, *, rank: int, alpha: float
         "layers_pattern": None, "exclude_modules": None,
     }
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    swap_in(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
 

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from .mesh_spec import parse_mesh
+
 AXES = ("data", "fsdp", "tensor")
 BATCH = P(("data", "fsdp"))  # rows of a batch: split over every data-parallel device
 HIDDEN = P(("data", "fsdp"), None, None)  # hidden states [B, T, D]: rows split, each device holds its rows whole
@@ -39,12 +41,7 @@ LLAMA_RULES: tuple[tuple[str, P], ...] = (
 
 def mesh_shape(spec: str, n_devices: int) -> tuple[int, int, int]:
     """'1,8,1' or '1,-1,1' → (data, fsdp, tensor) sizes whose product is `n_devices`."""
-    try:
-        sizes = [int(x) for x in str(spec).split(",")]
-    except ValueError:
-        raise ValueError(f"mesh {spec!r}: expected three integers 'data,fsdp,tensor', e.g. '1,-1,1'") from None
-    if len(sizes) != 3 or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh {spec!r}: expected three sizes 'data,fsdp,tensor', each >= 1 or one of them -1")
+    sizes = parse_mesh(spec)
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if n_devices % known:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from koala_lib.files import swap_in
+from koala_lib.files import staged_folder
 
 from .checkpoints import TOKENIZER_FILES, safetensor_files
 
@@ -83,24 +83,21 @@ def make_diff(base: Path, target: Path, out: Path) -> Path:
     missing = sorted(set(target_t) - set(base_t))
     if missing:
         raise BaseMismatch(f"the base lacks {len(missing)} tensors of the target, e.g. {missing[0]}")
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest = {"base": {}, "target_sha256": {}}
-    diffs = {}
-    for name in sorted(target_t):
-        (t_dtype, t_shape, t), (b_dtype, b_shape, b) = target_t[name], base_t[name]
-        if t_shape != b_shape or t_dtype != b_dtype:
-            raise BaseMismatch(f"{name}: base {b_shape} {b_dtype}, target {t_shape} {t_dtype}")
-        diffs[name] = (t_dtype, t_shape, t - b)  # unsigned, so it wraps around: exact and reversible
-        manifest["base"][name] = {"shape": b_shape, "dtype": b_dtype, "sha256": _sha(b)}
-        manifest["target_sha256"][name] = _sha(t)
-    write_raw(tmp / "diff.safetensors", diffs, {"format": "koala-diff"})
-    for name in ("config.json", *TOKENIZER_FILES):
-        if (Path(target) / name).is_file():
-            shutil.copy2(Path(target) / name, tmp / name)
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    swap_in(tmp, Path(out))
+    with staged_folder(Path(out)) as tmp:
+        manifest = {"base": {}, "target_sha256": {}}
+        diffs = {}
+        for name in sorted(target_t):
+            (t_dtype, t_shape, t), (b_dtype, b_shape, b) = target_t[name], base_t[name]
+            if t_shape != b_shape or t_dtype != b_dtype:
+                raise BaseMismatch(f"{name}: base {b_shape} {b_dtype}, target {t_shape} {t_dtype}")
+            diffs[name] = (t_dtype, t_shape, t - b)  # unsigned, so it wraps around: exact and reversible
+            manifest["base"][name] = {"shape": b_shape, "dtype": b_dtype, "sha256": _sha(b)}
+            manifest["target_sha256"][name] = _sha(t)
+        write_raw(tmp / "diff.safetensors", diffs, {"format": "koala-diff"})
+        for name in ("config.json", *TOKENIZER_FILES):
+            if (Path(target) / name).is_file():
+                shutil.copy2(Path(target) / name, tmp / name)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return Path(out)
 
 
@@ -114,21 +111,18 @@ def recover(base: Path, diff: Path, out: Path) -> list[dict]:
         dtype, shape, _ = base_t[name]
         if shape != spec["shape"] or dtype != spec["dtype"]:
             raise BaseMismatch(f"{name}: the base has {shape} {dtype}, the diff expects {spec['shape']} {spec['dtype']}")
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    recovered, summary = {}, []
-    deltas = read_raw(Path(diff) / "diff.safetensors")
-    for name in sorted(manifest["base"]):
-        dtype, shape, b = base_t[name]
-        t = b + deltas[name][2]
-        base_ok = _sha(b) == manifest["base"][name]["sha256"]
-        target_ok = _sha(t) == manifest["target_sha256"][name]
-        summary.append({"tensor": name, "shape": shape, "dtype": dtype, "base_matches": base_ok, "recovered_matches": target_ok})
-        recovered[name] = (dtype, shape, t)
-    write_raw(tmp / "model.safetensors", recovered, {"format": "pt"})
-    for name in ("config.json", *TOKENIZER_FILES):
-        if (Path(diff) / name).is_file():
-            shutil.copy2(Path(diff) / name, tmp / name)
-    swap_in(tmp, Path(out))
+    with staged_folder(Path(out)) as tmp:
+        recovered, summary = {}, []
+        deltas = read_raw(Path(diff) / "diff.safetensors")
+        for name in sorted(manifest["base"]):
+            dtype, shape, b = base_t[name]
+            t = b + deltas[name][2]
+            base_ok = _sha(b) == manifest["base"][name]["sha256"]
+            target_ok = _sha(t) == manifest["target_sha256"][name]
+            summary.append({"tensor": name, "shape": shape, "dtype": dtype, "base_matches": base_ok, "recovered_matches": target_ok})
+            recovered[name] = (dtype, shape, t)
+        write_raw(tmp / "model.safetensors", recovered, {"format": "pt"})
+        for name in ("config.json", *TOKENIZER_FILES):
+            if (Path(diff) / name).is_file():
+                shutil.copy2(Path(diff) / name, tmp / name)
     return summary

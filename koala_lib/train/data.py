@@ -14,7 +14,6 @@ filled with empty rows (no tokens, no targets), which change no sum and no gradi
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +23,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from koala_lib.conditioning.packing import materialize, pack_plan
 from koala_lib.conditioning.stage import load_rows, write_rows
-from koala_lib.config import Config, mixture_sources
-from koala_lib.files import swap_in
+from koala_lib.config import Config, mixture_sources, variant_name
+from koala_lib.files import staged_folder
 
 FIELDS = ("tokens", "loss_mask", "segment_ids", "positions")
 BATCH_SPEC = P(None, ("data", "fsdp"), None)  # [accum, micro, T]: rows over every data-parallel device
-
-
-def variant_name(variant: str) -> str:
-    return variant.replace(",", "+").replace(" ", "")
 
 
 def _examples(folder: Path, sources: set[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -83,14 +78,12 @@ class VariantData:
                      "examples": stats["split"]}
             fresh = (folder / "stamp.json").is_file() and json.loads((folder / "stamp.json").read_text()) == stamp
             if not fresh and jax.process_index() == 0:  # one writer; the other processes wait below
-                tmp = folder.with_name("rows.tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                pad = int(stats.get("pad_id", 0))
-                for e in range(epochs):
-                    write_rows(tmp / f"epoch_{e}", _repack(conditioned / "examples" / "train", sources, stats["seq_len"], cfg.seed, e, pad))
-                write_rows(tmp / "eval", _repack(conditioned / "examples" / "eval", sources, stats["seq_len"], cfg.seed, 0, pad))
-                (tmp / "stamp.json").write_text(json.dumps(stamp) + "\n")
-                swap_in(tmp, folder)
+                with staged_folder(folder) as tmp:
+                    pad = int(stats.get("pad_id", 0))
+                    for e in range(epochs):
+                        write_rows(tmp / f"epoch_{e}", _repack(conditioned / "examples" / "train", sources, stats["seq_len"], cfg.seed, e, pad))
+                    write_rows(tmp / "eval", _repack(conditioned / "examples" / "eval", sources, stats["seq_len"], cfg.seed, 0, pad))
+                    (tmp / "stamp.json").write_text(json.dumps(stamp) + "\n")
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
 

@@ -22,16 +22,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from koala_lib.config import Config, check_variants
-from koala_lib.model.checkpoints import abstract_model, load_hf, param_path, resolve_checkpoint, save_hf
+from koala_lib.config import Config, check_variants, variant_name
+from koala_lib.model.checkpoints import abstract_model, load_hf, model_config, param_path, resolve_checkpoint, save_hf
 from koala_lib.model.llama import Llama
-from koala_lib.model.presets import LlamaConfig, from_hf_config, preset
+from koala_lib.model.presets import LlamaConfig
 from koala_lib.model.sharding import LLAMA_RULES, make_mesh, match_rules, mesh_shape, path_str
 from koala_lib.progress import bar as progress_bar
 
 from . import DoesNotFit
 from .budget import device_memory, fit_message, flops_per_token, peak_flops, useful_flops
-from .data import BATCH_SPEC, VariantData, variant_name
+from .data import BATCH_SPEC, VariantData
 from .state import StateLayout, base_kwargs
 from .step import make_eval_step, make_train_step, weights
 
@@ -57,12 +57,9 @@ def init_distributed(cfg: Config) -> None:
         jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
 
 
-def model_config(cfg: Config, tokenizer_vocab: int) -> tuple[LlamaConfig, Path | None]:
+def profile_model(cfg: Config) -> tuple[LlamaConfig, Path | None]:
     """(architecture, base folder or None for a random init) of the profile's model."""
-    if cfg.model.init == "random":
-        return preset(cfg.model.preset).replace(vocab_size=tokenizer_vocab), None
-    folder = resolve_checkpoint(cfg.model.base)
-    return from_hf_config(json.loads((folder / "config.json").read_text())), folder
+    return model_config(cfg.model.init, cfg.model.preset, cfg.model.base, tokenizer_vocab(cfg))
 
 
 def tokenizer_vocab(cfg: Config) -> int:
@@ -136,7 +133,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         raise ValueError(f"train.batch_size / grad_accum = {t.batch_size // t.grad_accum} rows per micro-batch do not divide over data x fsdp = {shape[0] * shape[1]} devices")
     data = VariantData.open(cfg, variant)
     total = data.total_steps(t.max_steps)
-    arch, folder = model_config(cfg, tokenizer_vocab(cfg))
+    arch, folder = profile_model(cfg)
     layout = StateLayout.build(cfg, arch, mesh, total)  # shapes only; checks the LoRA targets
 
     if t.memory_check != "off":

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from koala_lib.config import Config, check_variants
+from koala_lib.config import Config, check_variants, variant_name
 from koala_lib.plots import loss_curves, save
 
-from .data import variant_name
 from .loop import TrainResult, fit
 
 
@@ -89,10 +88,10 @@ def budget_table(cfg: Config):
     from koala_lib.model.sharding import mesh_shape
 
     from .budget import device_memory, estimate_memory, flops_per_token
-    from .loop import init_distributed, model_config, tokenizer_vocab
+    from .loop import init_distributed, profile_model
 
     init_distributed(cfg)
-    arch, _ = model_config(cfg, tokenizer_vocab(cfg))
+    arch, _ = profile_model(cfg)
     shape = mesh_shape(cfg.train.mesh, jax.device_count())
     est = estimate_memory(arch, cfg.model, cfg.train, shape, cfg.conditioning.seq_len).table()
     limit, source = device_memory(cfg.train.device_memory_gb)
