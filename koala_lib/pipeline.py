@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -65,9 +66,6 @@ def run_pipeline(
     progress: bool = True,
 ) -> list[StageRun]:
     """Execute the selected notebooks into `runs/<profile>/notebooks/`; raise StageFailed on the first error."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     cfg = load(profile, overrides)  # fail fast on a bad profile, before starting a kernel
     selected = select_stages(stages)
     out_dir = cfg.run_dir / "notebooks"
@@ -75,31 +73,64 @@ def run_pipeline(
     nb_dir = project_root() / "notebooks"
     cell_bar = progress and sys.stderr.isatty()  # papermill's \r bar only where it redraws in place
     runs: list[StageRun] = []
-    for i, (sid, name) in enumerate(selected, start=1):
-        src, dst = nb_dir / name, out_dir / name
-        log = dst.with_suffix(".progress.log")
-        log.write_text("", encoding="utf-8")
-        print(f"[{i}/{len(selected)}] stage {sid}: {name} (profile {profile})", flush=True)
-        start = time.perf_counter()
-        try:
-            with _environ(PROGRESS_ENV, str(log)), (streaming(log, f"  {sid} | ") if progress else nullcontext()):
-                papermill.execute_notebook(
-                    str(src),
-                    str(dst),
-                    parameters={"profile": profile, "overrides": list(overrides)},
-                    cwd=str(nb_dir),
-                    progress_bar=cell_bar,
-                    kernel_name="python3",
-                )
-        except PapermillExecutionError as exc:
-            raise StageFailed(
-                f"stage {sid} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
-                f"executed notebook: {dst}"
-            ) from None
-        seconds = time.perf_counter() - start
-        runs.append(StageRun(sid, dst, seconds))
-        print(f"      done in {seconds:.1f} s -> {dst}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="koala-kernel-") as sockets:
+        for i, (sid, name) in enumerate(selected, start=1):
+            runs.append(_run_stage(i, len(selected), sid, nb_dir / name, out_dir / name, profile, overrides, progress,
+                                   cell_bar, _local_kernel(Path(sockets))))
+            record_seconds(out_dir / "pipeline.json", sid, runs[-1].seconds)
     return runs
+
+
+def record_seconds(path: Path, stage: str, seconds: float) -> None:
+    """Keep each stage's wall time of its latest run in `notebooks/pipeline.json` ({stage id: seconds})."""
+    import json
+
+    from koala_lib.files import atomic_text
+
+    times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    times[stage] = round(seconds, 1)
+    atomic_text(path, json.dumps(dict(sorted(times.items())), indent=2) + "\n")
+
+
+def _local_kernel(folder: Path):
+    """Kernel settings for a stage: its channels are Unix sockets in `folder` (private to this user), not TCP ports on
+    loopback, so nothing else on the machine can reach the kernel and it has no plain-text transport to warn about."""
+    from traitlets.config import Config
+
+    settings = Config()
+    settings.KernelManager.transport = "ipc"
+    settings.KernelManager.ip = str(folder / "kernel")
+    return settings
+
+
+def _run_stage(i: int, total: int, sid: str, src: Path, dst: Path, profile: str, overrides: Sequence[str],
+               progress: bool, cell_bar: bool, kernel) -> StageRun:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    log = dst.with_suffix(".progress.log")
+    log.write_text("", encoding="utf-8")
+    print(f"[{i}/{total}] stage {sid}: {src.name} (profile {profile})", flush=True)
+    start = time.perf_counter()
+    try:
+        with _environ(PROGRESS_ENV, str(log)), (streaming(log, f"  {sid} | ") if progress else nullcontext()):
+            papermill.execute_notebook(
+                str(src),
+                str(dst),
+                parameters={"profile": profile, "overrides": list(overrides)},
+                cwd=str(src.parent),
+                progress_bar=cell_bar,
+                kernel_name="python3",
+                config=kernel,
+            )
+    except PapermillExecutionError as exc:
+        raise StageFailed(
+            f"stage {sid} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+            f"executed notebook: {dst}"
+        ) from None
+    seconds = time.perf_counter() - start
+    print(f"      done in {seconds:.1f} s -> {dst}", flush=True)
+    return StageRun(sid, dst, seconds)
 
 
 def follow(path: Path, emit: Callable[[str], None], stop: threading.Event, poll: float = 0.25) -> None:

@@ -190,3 +190,22 @@ def test_the_queue_is_bounded(tiny_generator):
         assert all(j.done.wait(60) and j.error is None for j in jobs)
     finally:
         batcher.close()
+
+
+def test_each_new_shape_is_announced_once_before_it_compiles(tiny_generator):
+    """The server's one line per compilation: the first request of a shape waits for XLA, and says why; a second
+    request of the same shape compiles nothing and says nothing."""
+    lines: list[str] = []
+    before = tiny_generator.on_compile
+    tiny_generator.on_compile = lines.append
+    batcher = ContinuousBatcher(tiny_generator, slots=2, max_queue=8)
+    try:
+        ids = tiny_generator.encode("a koala")
+        run_all(batcher, [(ids, Sampling(max_new_tokens=4, stop=()))])
+        assert lines == [f"compiling the prefill step for a prompt of up to 16 tokens, cache {batcher.cache_len} (once for this shape; later requests reuse it)",
+                         f"compiling the decode step for 2 slots, cache {batcher.cache_len} (once for this shape; later requests reuse it)"]
+        run_all(batcher, [(ids, Sampling(max_new_tokens=4, stop=()))])
+        assert len(lines) == 2
+    finally:
+        batcher.close()
+        tiny_generator.on_compile = before

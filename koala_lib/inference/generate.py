@@ -109,6 +109,18 @@ class Generator:
         self._decode = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4, 5))
         self._decode_wide = jax.jit(self._decode_fn, donate_argnums=(2, 3, 4, 5), compiler_options=wide_decode_options(self.backend))
         self.compiled: set[tuple[str, tuple[int, ...]]] = set()  # (function, shape bucket), for tests and benchmarks
+        self.on_compile: Callable[[str], None] | None = None  # told, in a line, of each shape about to be compiled
+
+    def compiling(self, function: str, shape: tuple[int, ...], what: str) -> None:
+        """Record that `function` runs at `shape` (a bucket); the first time, tell `on_compile` (the server logs it:
+        the request that meets a new shape waits for XLA once, and nothing else would say why)."""
+        if (function, shape) not in self.compiled:
+            self.compiled.add((function, shape))
+            self.announce_compile(function, what)
+
+    def announce_compile(self, function: str, what: str) -> None:
+        if self.on_compile is not None:
+            self.on_compile(f"compiling the {function} step for {what} (once for this shape; later requests reuse it)")
 
     # -- jitted pieces (`knobs`: the per-row arrays of sampling.row_settings)
 
@@ -182,7 +194,8 @@ class Generator:
         lengths = np.array([len(r) for r in ids] + [1] * (b - n), np.int32)
         knobs = row_settings(params, b)
         scored = np.bool_(any(r.top is not None for r in rows))  # else the scores stay on the device, all zeros
-        self.compiled.update({("prefill", (b, t, slots)), ("decode", (b, slots))})
+        self.compiling("prefill", (b, t, slots), f"{b} prompts of up to {t} tokens, cache {slots}")
+        self.compiling("decode", (b, slots), f"{b} rows, cache {slots}")
 
         token, scores, cache, counts = self._prefill(self.state, tokens, positions, valid, self.init_cache(b, slots), knobs, scored)
         lengths, valid = jnp.asarray(lengths), jnp.asarray(valid)

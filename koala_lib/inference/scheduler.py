@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 
 import jax
@@ -93,6 +92,11 @@ class ContinuousBatcher:
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), compiler_options=options)
         self._thread = threading.Thread(target=self._run, name="koala-scheduler", daemon=True)
         self._thread.start()
+
+    def _compiling(self, function: str, shape: tuple[int, int], what: str) -> None:
+        if (function, shape) not in self.counters.compiled:
+            self.counters.compiled.add((function, shape))
+            self.gen.announce_compile(function, what)
 
     # -- the public side (any thread)
 
@@ -215,7 +219,7 @@ class ContinuousBatcher:
         positions[0, t - len(ids):] = np.arange(len(ids))
         valid = np.zeros((1, t), bool)
         valid[0, t - len(ids):] = True
-        self.counters.compiled.add(("prefill", (t, self.cache_len)))
+        self._compiling("prefill", (t, self.cache_len), f"a prompt of up to {t} tokens, cache {self.cache_len}")
         first, scores, self.dev = self._prefill(gen.state, self.dev, np.int32(index), tokens, positions, valid,
                                                 row_settings([sampling], 1), np.bool_(sampling.logprobs is not None))
         first = int(np.asarray(first)[0])  # a device error surfaces here, before the request holds a slot
@@ -228,7 +232,7 @@ class ContinuousBatcher:
         active = np.array([s is not None for s in self.running])
         params = [s.sampling if s is not None else Sampling() for s in self.running]
         scored = any(s is not None and s.row.top is not None for s in self.running)
-        self.counters.compiled.add(("decode", (self.slots, self.cache_len)))
+        self._compiling("decode", (self.slots, self.cache_len), f"{self.slots} slots, cache {self.cache_len}")
         tokens, scores, self.dev = self._decode(self.gen.state, self.dev, active, row_settings(params, self.slots), np.bool_(scored))
         tokens = np.asarray(tokens)
         scores = [np.asarray(a) for a in scores] if scored else None

@@ -97,9 +97,20 @@ class StateLayout:
 
     def init(self, params: dict, seed: int) -> dict:
         """The first state from unrolled base parameters (a pure dict of arrays already on their shards; for LoRA in
-        the compute dtype, see `base_kwargs`): full fine-tuning trains them, LoRA freezes them beside new adapters."""
+        the compute dtype, see `base_kwargs`): full fine-tuning trains them, LoRA freezes them beside new adapters.
+        With scanned layers the arrays given are stacked and then deleted: the caller must not use them again."""
         shardings = self.shardings
-        stack = lambda tree, where: jax.jit(stack_layers, out_shardings=where, donate_argnums=0)(tree) if self.scanned else tree
+
+        def stack(tree: dict, where) -> dict:
+            """The scanned layout of `tree`, whose unrolled arrays are freed at once. (Donating them would not help: a
+            per-layer input can never alias a stacked [L, ...] output, and XLA would warn of every one.)"""
+            if not self.scanned:
+                return tree
+            stacked = jax.block_until_ready(jax.jit(stack_layers, out_shardings=where)(tree))
+            for leaf in jax.tree.leaves(tree):
+                leaf.delete()
+            return stacked
+
         state = {}
         if self.lora:
             state["frozen"] = stack(params, shardings["frozen"])
