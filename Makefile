@@ -1,5 +1,6 @@
 # koala-kit. A fresh clone needs two commands: `make reproduce` and `make test`; each installs what it needs.
 PROFILE ?= demo
+LAB_PORT ?= 8888
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -29,7 +30,8 @@ setup: $(VENV)/.core          ## the kit and its runtime dependencies in .venv (
 
 setup-dev: $(VENV)/.dev       ## plus the test dependencies (pytest, nbval, torch CPU for parity checks)
 
-reproduce: $(VENV)/.core      ## the main job: every stage notebook on PROFILE (default demo), offline
+reproduce: $(VENV)/.core      ## the main job: every stage notebook on PROFILE (default demo), offline; checks the machine first
+	$(KOALA) doctor --profile $(PROFILE)
 	$(KOALA) pipeline --profile $(PROFILE)
 
 test: $(VENV)/.dev            ## unit tests, a smoke pipeline run, and nbval on the committed notebooks
@@ -38,8 +40,8 @@ test: $(VENV)/.dev            ## unit tests, a smoke pipeline run, and nbval on 
 notebooks: $(VENV)/.core      ## re-execute the notebooks on the smoke profile and commit-clean their outputs
 	$(KOALA) notebooks refresh --profile smoke
 
-lab: $(VENV)/.lab             ## JupyterLab on the kit's kernel
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+lab: $(VENV)/.lab             ## JupyterLab on the notebooks and the kit's kernel, localhost:LAB_PORT (as root too)
+	$(KOALA) lab --port $(LAB_PORT)
 
 bench: $(VENV)/.dev           ## every benchmark; rewrites bench/RESULTS.md
 	$(PY) bench/run_all.py

@@ -19,18 +19,19 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from koala_lib.config import ConfigError, load, show
+from koala_lib.config import ConfigError, check_variants, load, show, with_runs_dir
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="demo", help="profile under params/ (default: demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set data.mixture=koala_distill (repeatable)")
-    parser.add_argument("--runs-dir", default=None, metavar="DIR", help="write under DIR instead of runs/")
+    parser.add_argument("--runs-dir", default=None, metavar="DIR",
+                        help="write everything under DIR/<profile>/ (figures too) instead of the kit's runs/; relative to the current folder")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    return [*args.overrides, *([f"runs_dir={args.runs_dir}"] if args.runs_dir else [])]
+    return with_runs_dir(args.overrides, args.runs_dir)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -67,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load(args.profile, _overrides(args))
     variants = [v.strip() for v in args.variant.split(";")] if args.variant else None
+    check_variants(cfg, variants, "--variant")
     report = train_all(cfg, variants, progress=not args.quiet)
     print(report.table().to_string())
     return 0
@@ -126,6 +128,22 @@ def cmd_notebooks_refresh(args: argparse.Namespace) -> int:
 
     for path in refresh(args.profile, _overrides(args), stages=args.stages):
         print(f"cleaned {path}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from koala_lib.doctor import exit_code, format_checks, run_checks
+
+    cfg = load(args.profile, _overrides(args))
+    checks = run_checks(cfg)
+    print(format_checks(checks, cfg.profile))
+    return exit_code(checks)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from koala_lib.lab import run_lab
+
+    run_lab(args.port, browser=not args.no_browser)
     return 0
 
 
@@ -235,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None, help="only these stages, comma-separated (e.g. 01,02)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("doctor", help="is this machine ready for the profile? checks with a fix each; exit 1 if a needed one fails")
+    _common(p)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("lab", help="JupyterLab on the notebooks (localhost only; --allow-root added when run as root)")
+    p.add_argument("--port", type=int, default=8888, help="port on localhost (default 8888); forward it over SSH to reach it from elsewhere")
+    p.add_argument("--no-browser", action="store_true", help="do not try to open a browser")
+    p.set_defaults(func=cmd_lab)
 
     notebooks = sub.add_parser("notebooks", help="maintain the committed notebooks").add_subparsers(dest="action", required=True)
     p = notebooks.add_parser("refresh", help="re-execute the notebooks (smoke profile) and store them cleaned")

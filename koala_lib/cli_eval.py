@@ -7,6 +7,7 @@
     koala judge card --profile demo                   # canaries, position, length, markdown, self -> runs/demo/eval/judge_card.json
     koala rate init --profile demo --raters alice,bob # a blind rating study; prints each rater's link
     koala rate serve --profile demo --port 8001
+    koala rate links --profile demo                   # each rater's link again
     koala rate export --profile demo                  # -> runs/demo/eval/judgments/raters.jsonl
     koala mturk export --profile demo --out hits/
     koala mturk import --profile demo --results Batch_results.csv --key hits/key.json
@@ -19,11 +20,11 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from koala_lib.config import ConfigError, load
+from koala_lib.config import ConfigError, load, with_runs_dir
 
 
 def _cfg(args: argparse.Namespace):
-    return load(args.profile, [*args.overrides, *([f"runs_dir={args.runs_dir}"] if args.runs_dir else [])])
+    return load(args.profile, with_runs_dir(args.overrides, args.runs_dir))
 
 
 def cmd_leakage(args: argparse.Namespace) -> int:
@@ -141,7 +142,35 @@ def cmd_rate_init(args: argparse.Namespace) -> int:
     create_study(db, items_to_judge(cfg), raters, seed=cfg.seed, attention_checks=args.attention_checks)
     for rater, link in rating_links(db, args.base_url).items():
         print(f"{rater}: {link}")
-    print(f"study: {db} (send each rater only their own link; then `koala rate serve --profile {cfg.profile}`)")
+    print(f"study: {db} (send each rater only their own link; then `{_serve_command(args)}`)")
+    return 0
+
+
+def _study_options(args: argparse.Namespace) -> str:
+    """The options that name this study again, as the user gave them."""
+    import shlex
+
+    words = ["--profile", args.profile, *(w for item in args.overrides for w in ("--set", item))]
+    words += ["--runs-dir", args.runs_dir] if args.runs_dir else []
+    words += ["--db", args.db] if args.db else []
+    return shlex.join(words)
+
+
+def _serve_command(args: argparse.Namespace) -> str:
+    """`koala rate serve` for the study just made, listening where --base-url says raters will reach it."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(args.base_url)
+    extra = "" if url.hostname in ("127.0.0.1", "localhost") else " --host 0.0.0.0"
+    extra += f" --port {url.port}" if url.port and url.port != 8001 else ""
+    return f"koala rate serve {_study_options(args)}{extra}"
+
+
+def cmd_rate_links(args: argparse.Namespace) -> int:
+    from koala_lib.evaluation.rating_app import rating_links
+
+    for rater, link in rating_links(_study(args), args.base_url).items():
+        print(f"{rater}: {link}")
     return 0
 
 
@@ -199,6 +228,7 @@ def register(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
 
     rate = sub.add_parser("rate", help="a blind pairwise rating web app for your own raters").add_subparsers(dest="action", required=True)
     for name, func, text in (("init", cmd_rate_init, "create (or extend) the study for the profile's pairs; print each rater's link"),
+                             ("links", cmd_rate_links, "print each rater's link again"),
                              ("serve", cmd_rate_serve, "serve the rating pages until stopped"),
                              ("report", cmd_rate_report, "progress and attention checks per rater"),
                              ("export", cmd_rate_export, "ratings -> judgments (default: runs/<P>/eval/judgments/raters.jsonl)")):
@@ -208,6 +238,7 @@ def register(sub, common: Callable[[argparse.ArgumentParser], None]) -> None:
         if name == "init":
             p.add_argument("--raters", required=True, help="rater ids, comma-separated")
             p.add_argument("--attention-checks", type=int, default=0, help="items with an obviously bad answer, per rater")
+        if name in ("init", "links"):
             p.add_argument("--base-url", default="http://127.0.0.1:8001", help="where raters will reach `koala rate serve`")
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")

@@ -68,6 +68,15 @@ def test_mturk_round_trip_and_rating_study_reach_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "alice: http://127.0.0.1:8001/r/" in out and "bob: http://127.0.0.1:8001/r/" in out
     assert (run / "eval" / "rating" / "study.db").is_file()
+    # the hint is a command that serves this very study: the options the user gave are kept
+    hint = out.strip().splitlines()[-1]
+    assert f"`koala rate serve --profile smoke --set figures_dir={tmp_path}/fig --runs-dir {tmp_path}`" in hint
+    links = [line for line in out.splitlines() if ": http" in line]
+    assert main(["rate", "links", *common]) == 0  # the command the server's start line names
+    assert capsys.readouterr().out.splitlines() == links
+    db = tmp_path / "elsewhere.db"
+    assert main(["rate", "init", *common, "--db", str(db), "--raters", "carol", "--base-url", "http://10.0.0.5:8002"]) == 0
+    assert f"--db {db} --host 0.0.0.0 --port 8002`" in capsys.readouterr().out
     assert main(["rate", "export", *common]) == 0
     assert "0 judgments" in capsys.readouterr().out  # nobody has rated yet
 

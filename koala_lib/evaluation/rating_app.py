@@ -111,7 +111,7 @@ def _connect(db_path, write: bool = False) -> Iterator[sqlite3.Connection]:
 def _study(db_path) -> Path:
     path = Path(db_path)
     if not path.is_file():
-        raise StudyError(f"{path}: no such study file (create it with create_study / `koala rate init`)")
+        raise StudyError(f"{path}: no such study file (create it with `koala rate init`)")
     try:
         with _connect(path) as db:
             db.execute("SELECT value FROM meta WHERE name = 'seed'").fetchone()
@@ -376,5 +376,5 @@ def serve_forever(db_path, host: str = "127.0.0.1", port: int = 8001) -> None:
     import uvicorn
 
     app = create_rating_app(db_path)
-    print(f"rating study {db_path} on http://{host}:{port}/r/<token> (links: rating_links / `koala rate links`)", flush=True)
+    print(f"rating study {db_path} on http://{host}:{port}/r/<token> (each rater's link: `koala rate links` with the same options)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
