@@ -35,7 +35,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    print(show(load(args.profile, _overrides(args))), end="")
+    if args.defaults:
+        from koala_lib.config import defaults
+
+        print(show(defaults()), end="")
+    else:
+        print(show(load(args.profile, _overrides(args))), end="")
     return 0
 
 
@@ -140,6 +145,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(checks)
 
 
+def cmd_readme(args: argparse.Namespace) -> int:
+    from koala_lib.config import project_root
+    from koala_lib.run_numbers import update_document
+
+    cfg = load(args.profile, _overrides(args))
+    path = Path(args.file) if args.file else project_root() / "README.md"
+    try:
+        count = update_document(cfg, path)
+    except KeyError as exc:  # a mark the run does not fill
+        print(f"koala: error: {path}: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(f"{count} numbers of {cfg.run_dir} written into {path}")
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from koala_lib.lab import run_lab
 
@@ -204,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect profiles").add_subparsers(dest="action", required=True)
     p = config.add_parser("show", help="print the resolved config of a profile, with a comment per key")
     _common(p)
+    p.add_argument("--defaults", action="store_true", help="every key at its default instead (what a profile changes; docs/config.md)")
     p.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("curate", help="stage 1: curate the sources into conversations")
@@ -257,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="is this machine ready for the profile? checks with a fix each; exit 1 if a needed one fails")
     _common(p)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("readme", help="write the numbers the README quotes (its <!-- run:KEY --> marks) from the profile's run")
+    _common(p)
+    p.add_argument("--file", default=None, help="the document to rewrite (default: the kit's README.md)")
+    p.set_defaults(func=cmd_readme)
 
     p = sub.add_parser("lab", help="JupyterLab on the notebooks (localhost only; --allow-root added when run as root)")
     p.add_argument("--port", type=int, default=8888, help="port on localhost (default 8888); forward it over SSH to reach it from elsewhere")

@@ -11,7 +11,7 @@ given twice and values of the wrong type or outside the allowed set are errors t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -252,8 +252,8 @@ class GenerateConfig:
 class Config:
     profile: str = doc("demo", "profile name (the YAML file under params/)")
     seed: int = doc(0, "the one seed every random choice derives from")
-    runs_dir: str = doc("runs", "where stages write, relative to the kit root unless absolute; outputs go to <runs_dir>/<profile>/")
-    figures_dir: str | None = doc(None, "where figures are saved; null = <runs_dir>/<profile>/figures")
+    runs_dir: str = doc("runs", "where stages write: outputs go to <runs_dir>/<profile>/; a relative path set here is taken from the kit root, one given as --runs-dir from the current folder")
+    figures_dir: str | None = doc(None, "where figures are saved; null = <runs_dir>/<profile>/figures (with --runs-dir, null unless --set figures_dir names a folder)")
     call_cache: str | None = doc(None, "SQLite file of judge verdicts and openai:MODEL answers, keyed by who answered and exactly what was asked (a re-run pays no call twice); null = <runs_dir>/call_cache.sqlite; one file may serve several runs")
     data: DataConfig = doc(DataConfig, "stage 1: sources, mixture and cleaning")
     conditioning: ConditioningConfig = doc(ConditioningConfig, "stage 2: chat template, markers, packing")
@@ -320,6 +320,11 @@ def profile_path(profile: str) -> Path:
     if profile.endswith((".yaml", ".yml")):
         return resolve_path(profile)
     return project_root() / "params" / f"{profile}.yaml"
+
+
+def defaults() -> Config:
+    """Every key at its default: what a profile's YAML changes."""
+    return replace(Config(), profile="defaults")
 
 
 def available_profiles() -> list[str]:

@@ -128,3 +128,10 @@ def test_a_variant_outside_the_mixture_is_an_error_with_the_fix():
         config.check_variants(cfg)  # stage 3 checks before training
     with pytest.raises(ConfigError, match=r"^--variant: unknown source or preset 'koala-all'"):
         config.check_variants(load("demo"), ["koala-all"], "--variant")
+
+
+def test_the_config_reference_page_is_every_key_at_its_default():
+    """docs/config.md carries `koala config show --defaults` exactly: a key added or a comment changed shows there."""
+    page = (config.project_root() / "docs" / "config.md").read_text(encoding="utf-8")
+    block = page.split("```yaml\n", 1)[1].rsplit("```", 1)[0]
+    assert block == config.show(config.defaults())

@@ -20,7 +20,7 @@ LAYERS = (
     ("train",),
     ("inference",),
     ("evaluation",),
-    ("pipeline", "nbtools", "lab", "doctor", "cli", "cli_eval"),
+    ("pipeline", "nbtools", "lab", "doctor", "run_numbers", "cli", "cli_eval"),
 )
 # (importer, imported): pairs that the order alone would allow but the design does not.
 APART = {("inference", "train"), ("evaluation", "train")}

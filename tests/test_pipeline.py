@@ -1,6 +1,7 @@
 """`koala pipeline` runs the notebooks with papermill; a failing cell stops it with the error and the notebook path."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +10,11 @@ from koala_lib.pipeline import StageFailed, run_pipeline
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
+def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path, capfd):
     runs = run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], progress=False)
+    printed = capfd.readouterr()
+    assert "IPKernelApp" not in printed.out + printed.err  # the kernels run over Unix sockets: no transport warning
+    assert json.loads((tmp_path / "smoke" / "notebooks" / "pipeline.json").read_text()).keys() == {"01", "02", "03", "04", "05"}
     assert [r.stage for r in runs] == ["01", "02", "03", "04", "05"]
     assert runs[0].notebook == tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
     metrics = json.loads((tmp_path / "smoke" / "data" / "metrics.json").read_text())
@@ -105,6 +109,54 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path):
     counts = ("judge_calls", "judge_cache_hits")
     assert {k: v for k, v in again.items() if k not in counts} == {k: v for k, v in evaluated.items() if k not in counts}
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
+    # what the README and docs/ say a run writes is what this run wrote, and every number they quote from the demo
+    # run is one a run gives (`koala readme` fills them)
+    assert documented_paths_missing(tmp_path / "smoke", tmp_path / "fig") == []
+    assert_documents_fill(load("smoke", [f"runs_dir={tmp_path}"]))
+
+
+# Paths the documents name that a smoke run does not write, and why.
+ONLY_SOMETIMES = {
+    "train/*/adapter": "LoRA runs only",
+    "eval/rating/study.db": "after `koala rate init`",
+    "eval/judgments/raters.jsonl": "after `koala rate export`",
+    "eval/judgments/mturk_*.jsonl": "after `koala mturk import`",
+    "eval/panel/*": "with a panel of judges",
+}
+
+
+def documented_paths_missing(run, figures) -> list[str]:
+    """Every `runs/<P>/...` path and `figures/*.png` file that README.md or docs/*.md names, which the run lacks."""
+    import re
+
+    from koala_lib.config import project_root
+
+    root = project_root()
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    missing = []
+    for doc in texts:
+        text = doc.read_text(encoding="utf-8")
+        for raw in re.findall(r"runs/(?:<P>|<profile>|demo|smoke)/([\w<>./*-]+)", text):
+            rel = re.sub(r"<[a-z_]+>", "*", raw.rstrip(".")).rstrip("/")
+            if any(rel == k or rel.startswith(k + "/") or Path(rel).match(k) for k in ONLY_SOMETIMES):
+                continue
+            if not list(run.glob(rel)):
+                missing.append(f"{doc.name}: runs/<P>/{raw}")
+        for name in re.findall(r"figures/(\w+\.png)", text):
+            if not (figures / name).is_file():
+                missing.append(f"{doc.name}: figures/{name}")
+    return sorted(set(missing))
+
+
+def assert_documents_fill(cfg):
+    from koala_lib.config import project_root
+    from koala_lib.run_numbers import MARK, fill, run_numbers
+
+    numbers = run_numbers(cfg)
+    text = (project_root() / "README.md").read_text(encoding="utf-8")
+    assert len(MARK.findall(text)) >= 10  # the README quotes the demo run through marks, not by hand
+    filled = fill(text, numbers)
+    assert MARK.findall(filled) and fill(filled, numbers) == filled  # filling twice changes nothing
 
 
 @pytest.mark.slow
