@@ -92,7 +92,8 @@ def devices_checks(cfg: Config) -> list[Check]:
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     platform_name = devices[0].platform
-    out = [Check("jax devices", True, f"{len(devices)} × {platform_name} ({', '.join(kinds)}), jax {jax.__version__}")]
+    kind = "" if kinds == [platform_name] else f" ({', '.join(kinds)})"
+    out = [Check("jax devices", True, f"{len(devices)} × {platform_name}{kind}, jax {jax.__version__}")]
     try:
         shape = mesh_shape(cfg.train.mesh, len(devices))
         out.append(Check("train mesh", True, f"train.mesh {cfg.train.mesh} -> (data, fsdp, tensor) {shape}"))

@@ -101,9 +101,8 @@ def results_table(summary: dict) -> str:
             "| LC win rate, length term only % [95 % CI] |\n|---|---|---|---|---|")
     names = {"alpaca": "Alpaca test set", "koala": "Koala test set"}
     rows = []
-    for r in summary["comparisons"]:
-        if r["source"] != "llm" or r["test_set"] == "all":
-            continue
+    chosen = [r for r in summary["comparisons"] if r["source"] == "llm" and r["test_set"] != "all"]
+    for r in sorted(chosen, key=lambda r: r["test_set"]):  # one test set after the other, as the figure's panels
         vs = model_label(r["model_b"], summary["models"]).replace(" (stand-in: ", ", stand-in (").rstrip()
         lc = "–" if r.get("lc_win_rate") is None else f"{r['lc_win_rate']:.1f}{_span(r.get('lc_ci'))}"
         rows.append(f"| {names.get(r['test_set'], r['test_set'])}, vs {vs} ({r['n']}) | {r['better']:.0f} / {r['tie']:.0f} / "
