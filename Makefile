@@ -33,7 +33,7 @@ setup-dev: $(VENV)/.dev       ## plus the test dependencies (pytest, nbval, torc
 reproduce: $(VENV)/.core      ## the main job: every stage notebook on PROFILE (default demo), offline; checks the machine first
 	$(KOALA) doctor --profile $(PROFILE)
 	$(KOALA) pipeline --profile $(PROFILE)
-	if [ "$(PROFILE)" = demo ]; then $(KOALA) readme --profile demo; fi   # the README quotes the demo run
+	@if [ "$(PROFILE)" = demo ]; then echo "$(KOALA) readme --profile demo"; $(KOALA) readme --profile demo; fi  # the README quotes the demo run
 
 test: $(VENV)/.dev            ## unit tests, a smoke pipeline run, and nbval on the committed notebooks
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider

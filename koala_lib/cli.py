@@ -145,6 +145,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(checks)
 
 
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    from koala_lib.manifest import format_run
+
+    print(format_run(Path(args.run)))
+    return 0
+
+
+def cmd_runs_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from koala_lib.run_diff import diff_runs, format_diff
+
+    result = diff_runs(args.run_a, args.run_b)
+    print(json.dumps(result, indent=1) if args.json else format_diff(result))
+    return 0 if result["identical"] else 1
+
+
 def cmd_readme(args: argparse.Namespace) -> int:
     from koala_lib.config import project_root
     from koala_lib.run_numbers import update_document
@@ -278,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="is this machine ready for the profile? checks with a fix each; exit 1 if a needed one fails")
     _common(p)
     p.set_defaults(func=cmd_doctor)
+
+    runs = sub.add_parser("runs", help="what produced a run: its stages' manifests").add_subparsers(dest="action", required=True)
+    p = runs.add_parser("show", help="a run's manifests: code, versions, devices, overrides, config hash, stale inputs")
+    p.add_argument("run", help="the run folder, e.g. runs/demo")
+    p.set_defaults(func=cmd_runs_show)
+    p = runs.add_parser("diff", help="what went into two runs differently, and the first stage whose outputs part; exit 1 when they differ")
+    p.add_argument("run_a", help="a run folder, e.g. runs/demo")
+    p.add_argument("run_b", help="the other run folder")
+    p.add_argument("--json", action="store_true", help="the comparison as JSON, for scripts")
+    p.set_defaults(func=cmd_runs_diff)
 
     p = sub.add_parser("readme", help="write the numbers the README quotes (its <!-- run:KEY --> marks) from the profile's run")
     _common(p)

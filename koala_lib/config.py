@@ -10,6 +10,7 @@ given twice and values of the wrong type or outside the allowed set are errors t
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -252,6 +253,7 @@ class GenerateConfig:
 class Config:
     profile: str = doc("demo", "profile name (the YAML file under params/)")
     seed: int = doc(0, "the one seed every random choice derives from")
+    overrides: tuple[str, ...] = doc((), "set when loading, not in a profile: the key=value overrides applied (every stage's manifest records them)")
     runs_dir: str = doc("runs", "where stages write: outputs go to <runs_dir>/<profile>/; a relative path set here is taken from the kit root, one given as --runs-dir from the current folder")
     figures_dir: str | None = doc(None, "where figures are saved; null = <runs_dir>/<profile>/figures (with --runs-dir, null unless --set figures_dir names a folder)")
     call_cache: str | None = doc(None, "SQLite file of judge verdicts and openai:MODEL answers, keyed by who answered and exactly what was asked (a re-run pays no call twice); null = <runs_dir>/call_cache.sqlite; one file may serve several runs")
@@ -342,10 +344,16 @@ def load(profile: str = "demo", overrides: Sequence[str] | Mapping[str, Any] | N
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    if "profile" in raw:
-        raise ConfigError(f"{path}: `profile` is set from the file name, not in the file")
-    raw = {"profile": Path(path).stem, **raw}
-    for key, value in _parse_overrides(overrides).items():
+    for key in ("profile", "overrides"):
+        if key in raw:
+            raise ConfigError(f"{path}: `{key}` is set when the profile is loaded, not in the file")
+    parsed = _parse_overrides(overrides)
+    given = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] if isinstance(overrides, Mapping) else \
+        [str(o).strip() for o in ([overrides] if isinstance(overrides, str) else overrides or [])]
+    raw = {"profile": Path(path).stem, **raw, "overrides": given}
+    for key, value in parsed.items():
+        if key == "overrides":
+            raise ConfigError("override 'overrides': set when the profile is loaded, not by an override")
         _set_dotted(raw, key, value)
     cfg = build(Config, raw, "")
     cfg.data.source_names()  # validates the mixture

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from koala_lib.config import Config, resolve_path
+from koala_lib.manifest import cpu_info
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers", "datasets", "numpy",
             "scikit-learn", "papermill", "ipykernel")
@@ -103,23 +104,6 @@ def devices_checks(cfg: Config) -> list[Check]:
         out.append(Check("accelerator", False, f"model.attention=cudnn needs an NVIDIA GPU; this machine has {platform_name}",
                          f"run {cfg.profile} on the GPU node; here, `koala plan --profile {cfg.profile}` checks its memory on virtual devices"))
     return out
-
-
-def cpu_info() -> dict:
-    """{model, cores, extensions}: the CPU's name and the vector extensions that move the kit's speed (and its ratios
-    against PyTorch)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("amx_tile", "AMX"))
-    return {"model": name, "cores": os.cpu_count() or 1, "extensions": [label for flag, label in wanted if flag in flags]}
 
 
 def cpu_check() -> Check:

@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
     ("files", "progress", "metrics", "typed_yaml", "plots", "call_cache"),
     ("model",),
-    ("config", "config_sources"),
+    ("config", "config_sources", "manifest"),
     ("data",),
     ("conditioning",),
     ("train",),
     ("inference",),
     ("evaluation",),
-    ("pipeline", "nbtools", "lab", "doctor", "run_numbers", "cli", "cli_eval"),
+    ("pipeline", "nbtools", "lab", "doctor", "run_numbers", "run_diff", "cli", "cli_eval"),
 )
 # (importer, imported): pairs that the order alone would allow but the design does not.
 APART = {("inference", "train"), ("evaluation", "train")}

@@ -1,6 +1,10 @@
 """`koala pipeline` runs the notebooks with papermill; a failing cell stops it with the error and the notebook path."""
 
 import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +13,41 @@ import pytest
 from koala_lib.pipeline import StageFailed, run_pipeline
 
 
+@contextmanager
+def terminal_output():
+    """What is written to file descriptors 1 and 2 inside the block (the stage kernels' own output included), as a
+    callable read after the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved, text = (os.dup(1), os.dup(2)), []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: "".join(text)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+            sink.seek(0)
+            text.append(sink.read().decode("utf-8", errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke pipeline, run once for this module: (runs folder, stage runs, what the terminal showed)."""
+    folder = tmp_path_factory.mktemp("smoke_run")
+    with terminal_output() as printed:
+        runs = run_pipeline("smoke", [f"runs_dir={folder}", f"figures_dir={folder}/fig"], progress=False)
+    return folder, runs, printed()
+
+
 @pytest.mark.slow
-def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path, capfd):
-    runs = run_pipeline("smoke", [f"runs_dir={tmp_path}", f"figures_dir={tmp_path}/fig"], progress=False)
-    printed = capfd.readouterr()
-    assert "IPKernelApp" not in printed.out + printed.err  # the kernels run over Unix sockets: no transport warning
+def test_smoke_pipeline_writes_metrics_matching_the_report(smoke_run):
+    tmp_path, runs, printed = smoke_run
+    assert "IPKernelApp" not in printed  # the kernels run over Unix sockets: no transport warning
     assert json.loads((tmp_path / "smoke" / "notebooks" / "pipeline.json").read_text()).keys() == {"01", "02", "03", "04", "05"}
     assert [r.stage for r in runs] == ["01", "02", "03", "04", "05"]
     assert runs[0].notebook == tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
@@ -49,6 +83,18 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path, capfd):
         assert m["steps"] == 4 and m["last_loss"] < m["first_loss"]
         assert len(m["eval_losses"]) == 3 and m["eval_losses"][-1] < m["eval_losses"][0]  # steps 0, 2, 4
     assert (tmp_path / "fig" / "loss_curves.png").stat().st_size > 10_000
+    # the same curves as TensorBoard event files, read back by TensorBoard's own EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for variant in trained:
+        rows = [json.loads(line) for line in (tmp_path / "smoke" / "train" / variant / "metrics.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(tmp_path / "smoke" / "train" / variant / "tensorboard"))
+        events.Reload()
+        for tag, key in (("train/loss", "loss"), ("train/learning_rate", "lr"), ("eval/loss", "eval_loss"), ("train/grad_norm", "grad_norm")):
+            logged = [(r["step"], r[key]) for r in rows if key in r]
+            scalars = events.Scalars(tag)
+            assert logged and [e.step for e in scalars] == [step for step, _ in logged]
+            assert [e.value for e in scalars] == pytest.approx([value for _, value in logged], rel=1e-6)  # float32 in the file
     # the stage's progress went to its log beside the executed notebook (the kernel inherits KOALA_PROGRESS), not into it
     notebooks = tmp_path / "smoke" / "notebooks"
     progress = (notebooks / "03_finetune.progress.log").read_text(encoding="utf-8").splitlines()
@@ -110,6 +156,19 @@ def test_smoke_pipeline_writes_metrics_matching_the_report(tmp_path, capfd):
     counts = ("judge_calls", "judge_cache_hits")
     assert {k: v for k, v in again.items() if k not in counts} == {k: v for k, v in evaluated.items() if k not in counts}
     assert (tmp_path / "fig" / "blog_figure.png").is_file() and (tmp_path / "fig" / "win_tie_lose.png").is_file()
+    # every stage left its manifest, and what each stage read is what the stage before it wrote
+    from koala_lib.manifest import read_manifest
+
+    run = tmp_path / "smoke"
+    manifests = {name: read_manifest(run / name) for name in ("data", "conditioned", "train/koala_all", "train/koala_distill", "generate", "eval")}
+    assert all(m["stage"] == name and m["stale_inputs"] == [] and m["config_sha256"] == manifests["data"]["config_sha256"]
+               for name, m in manifests.items())
+    trained = manifests["train/koala_all"]["outputs"]
+    assert trained["train/koala_all/hf/model.safetensors"] == manifests["generate"]["inputs"]["train/koala_all/hf/model.safetensors"]
+    assert {k for k in trained if k.startswith("train/koala_all/hf/")} <= set(manifests["generate"]["inputs"])
+    answers = {k: v for k, v in manifests["generate"]["outputs"].items() if k.endswith(".json")}
+    assert answers == {k: v for k, v in manifests["eval"]["inputs"].items() if k.startswith("generations/")} and len(answers) == 4
+    assert "eval/summary.json" in manifests["eval"]["outputs"] and "eval/judgments/llm.jsonl" in manifests["eval"]["outputs"]
     # what the README and docs/ say a run writes is what this run wrote, and every number they quote from the demo
     # run is one a run gives (`koala readme` fills them)
     assert documented_paths_missing(tmp_path / "smoke", tmp_path / "fig") == []
@@ -175,3 +234,76 @@ def test_a_failing_stage_names_the_cell_error_and_the_executed_notebook(tmp_path
     assert "SourceFormatError" in message and "missing.jsonl: no such file or folder" in message
     executed = tmp_path / "smoke" / "notebooks" / "01_data_curation.ipynb"
     assert f"executed notebook: {executed}" in message and executed.is_file()
+
+
+def _stages_1_to_3(folder, *overrides):
+    """Stages 1-3 of the smoke profile in-process, Koala-All only (the changed runs stop after training)."""
+    from koala_lib.conditioning.stage import condition
+    from koala_lib.config import load
+    from koala_lib.data.curate import curate
+    from koala_lib.train.loop import fit
+
+    cfg = load("smoke", [f"runs_dir={folder}", f"figures_dir={folder}/fig", *overrides])
+    curate(cfg, progress=False)
+    condition(cfg, progress=False)
+    fit(cfg, "koala_all", progress=False)
+    return cfg.run_dir
+
+
+@pytest.mark.slow
+def test_runs_diff_names_a_changed_learning_rate_and_the_first_step_it_changes(smoke_run, tmp_path, capsys):
+    from koala_lib.cli import main
+
+    base = smoke_run[0] / "smoke"
+    changed = _stages_1_to_3(tmp_path, "train.learning_rate=1e-3")
+    capsys.readouterr()
+    assert main(["runs", "diff", str(base), str(changed)]) == 1
+    out = capsys.readouterr().out
+    assert "  config.train.learning_rate: 0.003 -> 0.001  (stages: data, conditioned, train/koala_all)" in out
+    assert "  data                   identical" in out and "  conditioned            identical" in out
+    # smoke warms up over one step from 0: step 1 runs at learning rate 0 in both runs, so both leave the parameters
+    # as they were; step 2 is the first whose fingerprint the new rate can change, and its schedule value does
+    assert "first output that differs: stage train/koala_all, step 2: settings (learning rate 0.003 -> 0.001)" in out
+    steps = [json.loads(line) for line in (changed / "train" / "koala_all" / "steps.jsonl").read_text().splitlines()]
+    first = json.loads((base / "train" / "koala_all" / "steps.jsonl").read_text().splitlines()[0])
+    assert steps[0] == first and steps[0]["lr"] == 0.0  # the same fingerprint, to the bit
+    assert f"  {'train/koala_distill':<22} only in run a" in out  # the changed run trained Koala-All alone
+
+
+@pytest.mark.slow
+def test_runs_diff_names_an_edited_data_file_and_the_first_step_that_reads_it(smoke_run, tmp_path, capsys):
+    """One HC3 answer edited (its last full stop made an exclamation mark: the same number of tokens, so the packing
+    stays and only the rows holding that example change): the diff names the data file's hash, and as the first
+    output difference of training the first step whose rows hold the edited example."""
+    from koala_lib.cli import main
+    from koala_lib.config import project_root
+
+    base = smoke_run[0] / "smoke"
+    steps = [json.loads(line) for line in (base / "train" / "koala_all" / "steps.jsonl").read_text().splitlines()]
+    step, example = next((s["step"], e) for s in steps for row in s["rows"] for e in row["examples"] if e.startswith("hc3:"))
+    _, row_id, answer = example.split(":")
+    kind, index = answer.rstrip("0123456789"), int(answer[len(answer.rstrip("0123456789")):])
+    lines = (project_root() / "koala_lib/data/demo/hc3/all.jsonl").read_text().splitlines(keepends=True)
+    for n, line in enumerate(lines):  # the demo file holds malformed rows on purpose: those stay as they are
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and str(record.get("id")) == row_id:
+            text = record[f"{kind}_answers"][index]
+            assert "." in text
+            record[f"{kind}_answers"][index] = text[: text.rindex(".")] + "!" + text[text.rindex(".") + 1:]
+            lines[n] = json.dumps(record) + "\n"
+            break
+    else:
+        raise AssertionError(f"HC3 row {row_id} not found")
+    edited = tmp_path / "hc3.jsonl"
+    edited.write_text("".join(lines))
+
+    changed = _stages_1_to_3(tmp_path / "runs", f"data.sources.hc3.path={edited}")
+    capsys.readouterr()
+    assert main(["runs", "diff", str(base), str(changed)]) == 1
+    out = capsys.readouterr().out
+    assert "  input kit:koala_lib/data/demo/hc3/all.jsonl: " in out and f"  input {edited.resolve()}: None -> " in out
+    assert "first output that differs: stage data; data/curated" in out
+    assert f"  train/koala_all parts at step {step}: data (batch rows differ from row " in out

@@ -84,3 +84,12 @@ def packing_table(lengths, seq_len: int, seed: int, row_lengths: tuple[int, ...]
         packed.append(100 * (1 - padding_fraction(fitting, len(pack_plan(fitting, size, seed, 0)), size)))
         padded.append(100 * (1 - padding_fraction(fitting, len(fitting), size)))
     return {"row_length": sizes, "packed": packed, "padded": padded}
+
+
+def plan_arrays(plan: list[list[int]]) -> dict[str, np.ndarray]:
+    """A plan as two arrays to keep beside the rows: `members` (the example indices of every row, one row after the
+    other) and `member_offsets` (row r's are members[offsets[r]:offsets[r + 1]]), so a step can name its examples."""
+    offsets = np.zeros(len(plan) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(row) for row in plan])
+    members = np.array([i for row in plan for i in row], dtype=np.int32)
+    return {"members": members, "member_offsets": offsets}

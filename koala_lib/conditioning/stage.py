@@ -27,12 +27,13 @@ import numpy as np
 from koala_lib.config import Config
 from koala_lib.data.curate import load_curated
 from koala_lib.files import staged_folder
+from koala_lib.manifest import stale_inputs, warn_stale, write_manifest
 from koala_lib.data.schema import Record
 from koala_lib.plots import packing_efficiency, save, token_lengths
 from koala_lib.progress import bar as progress_bar
 
-from .packing import materialize, pack_plan, packing_table, padding_fraction
-from .template import Example, cut_to_length, highlight_html, load_tokenizer, marked_text, template_for, tokenize
+from .packing import materialize, pack_plan, packing_table, padding_fraction, plan_arrays
+from .template import Example, cut_to_length, highlight_html, load_tokenizer, marked_text, template_for, tokenize, tokenizer_files
 
 BATCH = 512  # records rendered and tokenized per call
 
@@ -177,8 +178,10 @@ def write_rows(folder: Path, rows: dict[str, np.ndarray]) -> None:
 
 def condition(cfg: Config, progress: bool = True) -> ConditionResult:
     """Run stage 2 for the profile and write `runs/<P>/conditioned/` (replaced atomically) and its figures."""
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     c = cfg.conditioning
+    stale = stale_inputs(cfg, "data", ["data/curated"])
+    warn_stale("stage 2", "stage 1 (data/)", stale)
     records = load_curated(cfg)
     tokenizer = load_tokenizer(cfg)
     template = template_for(cfg, tokenizer)
@@ -195,11 +198,11 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
         rows_per_epoch = []
         for epoch in progress_bar(range(c.epochs), desc="pack epochs", unit="epoch", disable=not progress):
             plan = pack_plan(lengths, c.seq_len, cfg.seed, epoch)
-            write_rows(tmp / "train" / f"epoch_{epoch}", materialize(plan, ids, mask, offsets, c.seq_len, pad_id))
+            write_rows(tmp / "train" / f"epoch_{epoch}", {**materialize(plan, ids, mask, offsets, c.seq_len, pad_id), **plan_arrays(plan)})
             rows_per_epoch.append(len(plan))
         e_ids, e_mask, e_offsets = _write_examples(tmp / "examples" / "eval", evals)
         eval_plan = pack_plan(np.diff(e_offsets), c.seq_len, cfg.seed, 0)
-        write_rows(tmp / "eval", materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id))
+        write_rows(tmp / "eval", {**materialize(eval_plan, e_ids, e_mask, e_offsets, c.seq_len, pad_id), **plan_arrays(eval_plan)})
 
         stats = build_stats(cfg, train, evals, rejected, rows_per_epoch[0] if rows_per_epoch else 0, len(records))
         stats["pad_id"] = int(pad_id)
@@ -207,6 +210,8 @@ def condition(cfg: Config, progress: bool = True) -> ConditionResult:
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     save(token_lengths({s: [len(e.ids) for e in train if e.source == s] for s in stats["examples"]}, c.seq_len), cfg.figures_path / "token_lengths.png")
     save(packing_efficiency(packing_table(lengths, c.seq_len, cfg.seed), c.seq_len), cfg.figures_path / "packing_efficiency.png")
+    write_manifest(cfg, "conditioned", final, inputs=[cfg.run_dir / "data" / "curated", *tokenizer_files(tokenizer)],
+                   outputs=[final], started=started, stale=stale)
     total = sum(stats["tokens"].values())
     print(f"conditioned {len(train) + len(evals):,} examples ({total:,} tokens) in {stats['seconds']:.1f} s "
           f"({total / max(stats['seconds'], 1e-9):,.0f} tokens/s); padding {stats['packed']['padding_fraction']:.1%} packed "

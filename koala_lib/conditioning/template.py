@@ -14,6 +14,7 @@ user turns, markers, the separating space when it is a token of its own).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -93,6 +94,14 @@ def load_tokenizer(cfg: Config):
 
         name = str(default_model_dir())
     return AutoTokenizer.from_pretrained(name)
+
+
+def tokenizer_files(tokenizer) -> list[Path]:
+    """The files a tokenizer was loaded from (its folder's tokenizer files), for a stage's manifest."""
+    from koala_lib.model.checkpoints import TOKENIZER_FILES
+
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()] if folder.is_dir() else []
 
 
 def template_for(cfg: Config, tokenizer) -> Template:

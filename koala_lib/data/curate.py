@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from koala_lib.config import SOURCE_NAMES, Config, ConfigError
+from koala_lib.config import SOURCE_NAMES, Config, ConfigError, resolve_path
 from koala_lib.files import atomic_open, atomic_text, staged_folder
+from koala_lib.manifest import write_manifest
 from koala_lib.plots import data_composition, save
 from koala_lib.progress import bar
 
 from .clean import Deduplicator, KeywordFilter, LanguageFilter, split_long
-from .readers import RawRow, SourceFormatError, describe_origin, iter_rows
+from .readers import RawRow, SourceFormatError, demo_root, describe_origin, iter_rows
 from .schema import Record, Reject
 from .sources import SOURCES
 
@@ -106,7 +107,7 @@ def curate(cfg: Config, sources: Sequence[str] | str | None = None, progress: bo
     names = selected_sources(cfg, sources)
     out_dir = cfg.run_dir / "data"
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     records: list[Record] = []
     reports: dict[str, SourceReport] = {}
     with atomic_open(out_dir / "rejections.jsonl") as log:
@@ -117,9 +118,25 @@ def curate(cfg: Config, sources: Sequence[str] | str | None = None, progress: bo
     report = build_report(cfg, reports, seconds)
     write_outputs(records, report, out_dir)
     figure = save(data_composition(report), cfg.figures_path / "data_composition.png")
+    files, hub = source_locations(cfg, names)
+    write_manifest(cfg, "data", out_dir, inputs=files, outputs=[out_dir], started=started, extra={"hub_inputs": hub})
     read = report["totals"]["read"]
     print(f"curated {len(records):,} records from {read:,} rows of {len(names)} sources in {seconds:.1f} s ({read / max(seconds, 1e-9):,.0f} rows/s) -> {out_dir}")
     return CurationResult(records, report, out_dir, figure)
+
+
+def source_locations(cfg: Config, names: Sequence[str]) -> tuple[list[Path], dict[str, dict]]:
+    """(the local files or folders the sources are read from, {source: hub id, config, revision} of hub sources)."""
+    files, hub = [], {}
+    for name in names:
+        src = getattr(cfg.data.sources, name)
+        if src.path:
+            files.append(resolve_path(src.path))
+        elif src.origin == "demo":
+            files.append(demo_root(name))
+        else:
+            hub[name] = {"hub_id": src.hub_id, "config": src.hub_config, "revision": src.revision, "files": list(src.files)}
+    return files, hub
 
 
 def curate_source(cfg: Config, name: str, log, progress: bool = True) -> tuple[list[Record], SourceReport]:

@@ -10,6 +10,7 @@ figure carries the judge's line: which judge, how it read its verdicts, how ofte
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from koala_lib.evaluation.pairwise import agreement, bradley_terry, compare, pos
 from koala_lib.evaluation.published import BLOG
 from koala_lib.evaluation.stage import all_judgments, comparisons, eval_dir, load_answers
 from koala_lib.files import atomic_text
+from koala_lib.manifest import stale_inputs, warn_stale, write_manifest
 
 SOURCE_TITLES = {"llm": "LLM judge", "rater": "raters (koala rate)", "mturk": "MTurk workers"}
 
@@ -300,4 +302,15 @@ def build_report(cfg: Config, save: bool = True) -> EvalReport:
         report.figures["win_tie_lose"] = plots.save(report.figure_ours, figures / "win_tie_lose.png")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_text(folder / "summary.json", json.dumps(report.summary(), indent=2, ensure_ascii=False) + "\n")
+        write_eval_manifest(cfg, folder, leak_file, judge)
     return report
+
+
+def write_eval_manifest(cfg: Config, folder: Path, leak_file: Path, judge: dict) -> None:
+    """Stage 5's manifest, once the report has written the last of eval/: its start is the leakage filter's."""
+    stale = stale_inputs(cfg, "generate", ["generations"]) + stale_inputs(cfg, "data", ["data/curated"])
+    warn_stale("stage 5", "stages 1 and 4", stale)
+    started = leak_file.stat().st_mtime if leak_file.is_file() else time.time()
+    reads = [cfg.run_dir / "generations", cfg.run_dir / "data" / "curated", cfg.run_dir / "conditioned" / "examples" / "eval"]
+    write_manifest(cfg, "eval", folder, inputs=reads, outputs=[folder], started=started, stale=stale,
+                   extra={"judge": {k: judge.get(k) for k in ("judge", "identity", "mode")}})

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from koala_lib.config import Config, ConfigError, resolve_path
 from koala_lib.files import atomic_text
+from koala_lib.manifest import stale_inputs, warn_stale, write_manifest
 from koala_lib.inference.testsets import TEST_SETS, TestPrompt, load_test_set
 
 DATASET_NAMES = {"koala": "koala", "alpaca": "selfinstruct"}  # AlpacaEval's names for the two sets
@@ -257,12 +258,16 @@ def answer_all(cfg: Config, models: list[str] | None = None, progress: bool = Tr
     """Answer both test sets with each model (or only `models`), write the files, save the examples figure."""
     from koala_lib.plots import save
 
+    started = time.time()
+    chosen = answerers(cfg, list(models) if models else None)
+    stale = [s for who in chosen if who.kind == "checkpoint" for s in stale_inputs(cfg, f"train/{who.name}", [f"train/{who.name}/hf"])]
+    warn_stale("stage 4", "stage 3 (train/)", stale)
     prompts, info = load_prompts(cfg)
     result = AnswersResult(cfg, prompts, test_sets=info)
     out_dir = cfg.run_dir / "generations"
     out_dir.mkdir(parents=True, exist_ok=True)
     described = {}
-    for who in answerers(cfg, list(models) if models else None):
+    for who in chosen:
         if who.kind == "outputs":
             rows, stats = read_outputs(who.path, who.name, prompts)
         elif who.kind == "openai":
@@ -283,4 +288,8 @@ def answer_all(cfg: Config, models: list[str] | None = None, progress: bool = Tr
     atomic_text(out_dir / "models.json", json.dumps({**known, **described}, indent=2) + "\n")
     if result.files:
         save(result.figure(), cfg.figures_path / "example_generations.png")
+    inputs = [Path(t["source"]) for t in info.values() if t.get("source")] + [who.path for who in chosen if who.path is not None]
+    endpoints = {who.name: who.model for who in chosen if who.kind == "openai"}
+    write_manifest(cfg, "generate", cfg.run_dir / "generate", inputs=inputs, outputs=[out_dir], started=started, stale=stale,
+                   extra={"endpoint_models": endpoints, "endpoint": cfg.generate.endpoint.base_url if endpoints else None})
     return result

@@ -13,15 +13,16 @@ filled with empty rows (no tokens, no targets), which change no sum and no gradi
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from koala_lib.conditioning.packing import materialize, pack_plan
+from koala_lib.conditioning.packing import materialize, pack_plan, plan_arrays
 from koala_lib.conditioning.stage import load_rows, write_rows
 from koala_lib.config import Config, mixture_sources, variant_name
 from koala_lib.files import staged_folder
@@ -41,8 +42,8 @@ def _examples(folder: Path, sources: set[str]) -> tuple[np.ndarray, np.ndarray, 
 def _repack(folder: Path, sources: set[str], seq_len: int, seed: int, epoch: int, pad_id: int) -> dict[str, np.ndarray]:
     ids, mask, offsets, chosen = _examples(folder, sources)
     lengths = (offsets[1:] - offsets[:-1])[chosen]
-    plan = pack_plan(lengths, seq_len, seed, epoch)
-    return materialize([[int(chosen[i]) for i in row] for row in plan], ids, mask, offsets, seq_len, pad_id)
+    plan = [[int(chosen[i]) for i in row] for row in pack_plan(lengths, seq_len, seed, epoch)]
+    return {**materialize(plan, ids, mask, offsets, seq_len, pad_id), **plan_arrays(plan)}
 
 
 def _load(folder: Path) -> dict[str, np.ndarray]:
@@ -56,6 +57,8 @@ class VariantData:
     eval: dict[str, np.ndarray]
     batch_size: int
     grad_accum: int
+    folders: list[Path] = field(default_factory=list)  # per epoch: the rows' folder (members.npy beside them)
+    index: Path | None = None  # stage 2's examples/train/index.jsonl: example index -> id
 
     @classmethod
     def open(cls, cfg: Config, variant: str) -> "VariantData":
@@ -72,10 +75,11 @@ class VariantData:
         if present <= sources:  # every conditioned example belongs to the variant: stage 2's rows as they are
             train = [load_rows(cfg, "train", e) for e in range(epochs)]
             evals = load_rows(cfg, "eval")
+            folders = [conditioned / "train" / f"epoch_{e}" for e in range(epochs)]
         else:
             folder = cfg.run_dir / "train" / name / "rows"
             stamp = {"sources": sorted(sources), "seed": cfg.seed, "seq_len": stats["seq_len"], "epochs": epochs,
-                     "examples": stats["split"]}
+                     "examples": stats["split"], "members": True}
             fresh = (folder / "stamp.json").is_file() and json.loads((folder / "stamp.json").read_text()) == stamp
             if not fresh and jax.process_index() == 0:  # one writer; the other processes wait below
                 with staged_folder(folder) as tmp:
@@ -90,9 +94,10 @@ class VariantData:
                 multihost_utils.sync_global_devices(f"rows of {name}")
             train = [_load(folder / f"epoch_{e}") for e in range(epochs)]
             evals = _load(folder / "eval")
+            folders = [folder / f"epoch_{e}" for e in range(epochs)]
         if not len(train[0]["tokens"]):
             raise ValueError(f"variant {variant!r}: no training rows (sources {', '.join(sorted(sources))} have no examples)")
-        return cls(name, train, evals, cfg.train.batch_size, cfg.train.grad_accum)
+        return cls(name, train, evals, cfg.train.batch_size, cfg.train.grad_accum, folders, conditioned / "examples" / "train" / "index.jsonl")
 
     # ------------------------------------------------------------------ positions
 
@@ -119,6 +124,26 @@ class VariantData:
                 return epoch, step * self.batch_size
             step -= n
         raise IndexError("step past the last epoch")
+
+    def step_rows(self, step: int) -> list[dict]:
+        """What optimizer step `step` (0-based) reads, row by row: the ids of the examples packed into the row (None
+        where the rows were packed before members were kept) and a sha256 of its tokens (an edit that changes one
+        example's length repacks rows whose indices stay the same)."""
+        epoch, first = self.position(step)
+        arrays, folder = self.epochs[epoch], self.folders[epoch] if self.folders else None
+        members = offsets = None
+        if folder is not None and (folder / "members.npy").is_file():
+            members, offsets = np.load(folder / "members.npy"), np.load(folder / "member_offsets.npy")
+        if self._ids is None and self.index is not None and self.index.is_file():
+            with open(self.index, encoding="utf-8") as fh:
+                self._ids = [json.loads(line)["id"] for line in fh]
+        out = []
+        for row in range(first, min(first + self.batch_size, self.rows(epoch))):
+            ids = None if members is None or self._ids is None else [self._ids[i] for i in members[offsets[row]:offsets[row + 1]]]
+            out.append({"examples": ids, "tokens_sha256": hashlib.sha256(np.ascontiguousarray(arrays["tokens"][row]).tobytes()).hexdigest()[:16]})
+        return out
+
+    _ids = None  # example ids, read once from `index`
 
     # ------------------------------------------------------------------ batches
 

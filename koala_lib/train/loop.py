@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from koala_lib.config import Config, check_variants, variant_name
+from koala_lib.manifest import stale_inputs, warn_stale, write_manifest
 from koala_lib.model.checkpoints import abstract_model, load_hf, model_config, param_path, resolve_checkpoint, save_hf
 from koala_lib.model.llama import Llama
 from koala_lib.model.presets import LlamaConfig
@@ -31,6 +32,8 @@ from koala_lib.progress import bar as progress_bar
 
 from . import DoesNotFit
 from .budget import device_memory, fit_message, flops_per_token, peak_flops, useful_flops
+from .curves import TensorBoardCurves
+from .fingerprints import StepLog
 from .data import BATCH_SPEC, VariantData
 from .state import StateLayout, base_kwargs
 from .step import make_eval_step, make_train_step, weights
@@ -124,6 +127,10 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
 
     init_distributed(cfg)
     check_variants(replace(cfg, train=replace(cfg.train, variants=(variant,))))
+    started = time.time()
+    stale = stale_inputs(cfg, "conditioned", ["conditioned"])
+    if jax.process_index() == 0:
+        warn_stale(f"training {variant}", "stage 2 (conditioned/)", stale)
     t = cfg.train
     name = variant_name(variant)
     out_dir = cfg.run_dir / "train" / name
@@ -173,11 +180,14 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     peak, peak_source = peak_flops(jax.devices()[0], cfg.model.dtype, t.peak_tflops)
     flops = flops_per_token(arch, data.seq_len, layout.adapter_count)
     writer = open(metrics_path, "a", encoding="utf-8") if jax.process_index() == 0 else None
+    curves = TensorBoardCurves(out_dir / "tensorboard") if writer else None
+    steps_log = StepLog(out_dir / "steps.jsonl", resumed) if writer else None
 
     def log(row: dict) -> None:
         if writer:
             writer.write(json.dumps(row) + "\n")
             writer.flush()
+            curves.log(row)
 
     def evaluate(step: int) -> float | None:
         sums = np.zeros(3)
@@ -208,6 +218,8 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
             tick = time.perf_counter()
             state, stats = train_step(state, batch)
             stats = {k: float(v) for k, v in jax.device_get(stats).items()}  # waits for the step
+            if steps_log:
+                steps_log.write(step + 1, data.step_rows(step), stats)
             seconds = time.perf_counter() - tick
             epoch, _ = data.position(step)
             positions = t.batch_size * data.seq_len
@@ -237,6 +249,8 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         bar.close()
         if writer:
             writer.close()
+            curves.close()
+            steps_log.close()
         manager.close()
     seconds = time.perf_counter() - began
     if t.export_hf:
@@ -251,6 +265,10 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
                "method": t.method, "trained_params": layout.adapter_count or arch.params_count()}
     if jax.process_index() == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        # the checkpoints are orbax's own layout and the run's largest files: the manifest hashes what later stages read
+        write_manifest(cfg, f"train/{name}", out_dir, inputs=[cfg.run_dir / "conditioned", *([folder] if folder else [])],
+                       outputs=[out_dir / "hf", out_dir / "adapter", out_dir / "rows", metrics_path, out_dir / "steps.jsonl", out_dir / "summary.json"],
+                       started=started, stale=stale, extra={"variant": variant})
         print(f"trained {name}: {total - start} steps in {seconds:.1f} s; loss {first_loss} -> {summary['final_loss']}, eval loss {eval_loss} -> {out_dir}")
     return TrainResult(name, out_dir, total, resumed, summary)
 

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from .fingerprints import param_checksum
+
 
 def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
     """[b, T] 1.0 where token t+1 is a trained target predicted from position t, else 0.0 (always 0 at the last
@@ -100,8 +102,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
             "loss": loss / denom,
             "accuracy": correct / denom,
             "targets": count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
+            "param_checksum": param_checksum(new_state["params"]),
             **work(batch),
         }
         return new_state, stats
