@@ -85,7 +85,8 @@ def _lines(path: Path) -> list[dict]:
 def first_step(a: Path, b: Path, stage: str) -> dict | None:
     """The first optimizer step whose fingerprint (train/<variant>/steps.jsonl) differs, and why, judged in this
     order: the learning rate (settings), the batch's rows (data), the loss from the same rows and the same
-    parameters (numerics), the parameters after the step from the same loss (optimizer)."""
+    parameters (numerics), the parameters after the step from the same loss (optimizer); `steps` when one run
+    recorded fewer steps and they agree as far as they go."""
     sa, sb = _lines(a / stage / "steps.jsonl"), _lines(b / stage / "steps.jsonl")
     before = None  # the parameters' checksum going into the step, equal in both runs so far
     for x, y in zip(sa, sb):
@@ -104,7 +105,8 @@ def first_step(a: Path, b: Path, stage: str) -> dict | None:
             kind, what = "optimizer", "same loss, different parameters after the step"
         return {"stage": stage, "step": x["step"], "kind": kind, "what": what}
     if len(sa) != len(sb):
-        return {"stage": stage, "step": min(len(sa), len(sb)) + 1, "kind": "settings", "what": f"{len(sa)} steps against {len(sb)}"}
+        return {"stage": stage, "step": min(len(sa), len(sb)) + 1, "kind": "steps",
+                "what": f"{len(sa)} steps recorded against {len(sb)}: other settings, a run stopped early, or one resumed from before steps.jsonl"}
     return None
 
 
