@@ -41,18 +41,9 @@ def float_bits(value: float) -> str:
 
 
 class StepLog:
-    """Appends steps.jsonl; a resumed run first keeps the lines up to the step it resumes from."""
+    """Appends steps.jsonl (the caller first cuts it back to the step a resumed run starts from, as metrics.jsonl)."""
 
-    def __init__(self, path: Path, resumed: int | None):
-        kept = []
-        if resumed is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["step"] <= resumed:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError):  # a line cut by a kill
-                    continue
-        path.write_text("".join(kept), encoding="utf-8")
+    def __init__(self, path: Path):
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, rows: list[dict], stats: dict) -> None:

@@ -105,7 +105,8 @@ def _manager(folder: Path, keep: int):
 
 
 def _resume_metrics(path: Path, step: int | None) -> None:
-    """Keep the rows of metrics.jsonl up to the restored step (a fresh run starts an empty file)."""
+    """Keep the rows of a per-step JSONL (metrics.jsonl, steps.jsonl) up to the restored step (a fresh run starts an
+    empty file)."""
     if jax.process_index() != 0:
         return
     kept = []
@@ -173,6 +174,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
         state = {**state, **jax.tree.unflatten(jax.tree.structure(kept), jax.tree.leaves(restored["state"]))}
     metrics_path = out_dir / "metrics.jsonl"
     _resume_metrics(metrics_path, resumed)
+    _resume_metrics(out_dir / "steps.jsonl", resumed)
 
     batch_sharding = NamedSharding(mesh, BATCH_SPEC)
     train_step = make_train_step(layout.graphdef, layout.rest, layout.tx, layout.schedule, state_shardings, batch_sharding)
@@ -181,7 +183,7 @@ def fit(cfg: Config, variant: str, progress: bool = True, on_step: Callable[[int
     flops = flops_per_token(arch, data.seq_len, layout.adapter_count)
     writer = open(metrics_path, "a", encoding="utf-8") if jax.process_index() == 0 else None
     curves = TensorBoardCurves(out_dir / "tensorboard") if writer else None
-    steps_log = StepLog(out_dir / "steps.jsonl", resumed) if writer else None
+    steps_log = StepLog(out_dir / "steps.jsonl") if writer else None
 
     def log(row: dict) -> None:
         if writer:
